@@ -1,0 +1,115 @@
+"""Celery settings for proj, read from the environment; see README.md for each variable."""
+
+from __future__ import annotations
+
+import os
+
+from kombu import Exchange, Queue
+
+
+def _env_int(name: str, default: int) -> int:
+    """Read an integer setting, failing loudly on a typo rather than running with a surprise."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer number of seconds, got {raw!r}") from None
+
+
+_redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+# Celery itself lets CELERY_BROKER_URL / CELERY_RESULT_BACKEND override these two.
+broker_url = os.environ.get("CELERY_BROKER_URL", _redis_url)
+result_backend = os.environ.get("CELERY_RESULT_BACKEND", _redis_url)
+
+# Pickle in a broker is remote code execution for whoever can write to Redis: JSON only.
+task_serializer = "json"
+result_serializer = "json"
+event_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# One queue per workload so each gets the pool it needs (DESIGN.md, "Queues and workers").
+_direct = Exchange("proj", type="direct")
+task_queues = (
+    Queue("email", _direct, routing_key="email"),
+    Queue("email_bulk", _direct, routing_key="email_bulk"),
+    Queue("files", _direct, routing_key="files"),
+    Queue("default", _direct, routing_key="default"),
+)
+task_default_queue = "default"
+task_default_exchange = "proj"
+task_default_routing_key = "default"
+# Routing is configuration: callers never pass queue=, and a typo'd queue fails loudly.
+task_routes = {
+    "tasks.email.send_bulk*": {"queue": "email_bulk"},
+    "tasks.email.*": {"queue": "email"},
+    "tasks.files.*": {"queue": "files"},
+    "tasks.*": {"queue": "default"},
+}
+task_create_missing_queues = False
+
+# At-least-once: ack after the task ran, and redeliver when the process running it dies.
+task_acks_late = True
+task_reject_on_worker_lost = True
+
+# Time limits: soft raises inside the task so it can clean up, hard kills the child (prefork).
+task_soft_time_limit = _env_int("TASK_SOFT_TIME_LIMIT", 270)
+task_time_limit = _env_int("TASK_TIME_LIMIT", 300)
+
+# Longest countdown the broker itself holds; longer delays wait in proj's delayed set instead.
+broker_max_countdown = _env_int("BROKER_MAX_COUNTDOWN", 30)
+
+# Redis has no acks: an unacked message comes back after this many seconds, so it must outlast
+# the hard time limit plus the longest countdown, else running and delayed tasks run twice.
+broker_visibility_timeout = _env_int("BROKER_VISIBILITY_TIMEOUT", 360)
+if broker_visibility_timeout <= task_time_limit + broker_max_countdown:
+    raise ValueError(
+        "BROKER_VISIBILITY_TIMEOUT must exceed TASK_TIME_LIMIT + BROKER_MAX_COUNTDOWN "
+        f"({broker_visibility_timeout} <= {task_time_limit} + {broker_max_countdown})"
+    )
+broker_transport_options = {
+    "visibility_timeout": broker_visibility_timeout,
+    # Probe idle connections so a restarted Redis is noticed instead of silently not consuming.
+    "health_check_interval": 10,
+    "socket_keepalive": True,
+    "socket_timeout": 30,
+    "socket_connect_timeout": 5,
+    "retry_on_timeout": True,
+}
+# Celery reads the timeout from here too (celery#9339); keep them equal.
+result_backend_transport_options = {"visibility_timeout": broker_visibility_timeout}
+
+# One reserved message per process by default; workers for short tasks raise it per queue.
+worker_prefetch_multiplier = 1
+
+# Results are read within minutes; a day is plenty and keeps Redis from filling up.
+result_expires = _env_int("RESULT_EXPIRES", 86400)
+# Store task name, args and worker with the result so the dead-letter store and status can show them.
+result_extended = True
+
+# Flower and `proj status` are built on events.
+worker_send_task_events = True
+task_send_sent_event = True
+# Report STARTED so Flower and the CLI can tell "running" from "waiting".
+task_track_started = True
+
+# Ctrl-C / SIGTERM: finish running tasks; on a cold shutdown give them this long, then requeue.
+worker_soft_shutdown_timeout = float(_env_int("WORKER_SOFT_SHUTDOWN_TIMEOUT", 10))
+worker_enable_soft_shutdown_on_idle = True
+
+# A worker that loses Redis cancels running acks-late tasks: they are redelivered, and idempotent.
+worker_cancel_long_running_tasks_on_connection_loss = True
+
+# Start before Redis is up (compose, the local stack) and keep retrying.
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
+
+# Recycle a prefork child that has grown past this (KiB); the guard, not the fix, for leaks.
+worker_max_memory_per_child = _env_int("WORKER_MAX_MEMORY_PER_CHILD_KB", 512_000)
+
+# Logs in UTC so the timestamps of workers, beat and Flower line up.
+enable_utc = True
+timezone = "UTC"

@@ -1,0 +1,9 @@
+"""The Celery application: created once here, configured only from celeryconfig."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+app = Celery("proj", include=["tasks.health", "tasks.email", "tasks.files"])
+# A module name rather than an object, so prefork children import it instead of unpickling it.
+app.config_from_object("celeryconfig")

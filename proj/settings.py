@@ -1,0 +1,88 @@
+"""Runtime settings for the services, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from proj.errors import ConfigurationError
+
+SMTP_SECURITY_MODES = ("none", "starttls", "tls")
+
+
+def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+    """Read an integer variable or explain which one is wrong."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _float(environ: Mapping[str, str], name: str, default: float) -> float:
+    """Read a number variable or explain which one is wrong."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the services need to know about their environment."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 1025
+    smtp_username: str = ""
+    smtp_password: str = field(default="", repr=False)
+    smtp_security: str = "none"
+    smtp_timeout: float = 30.0
+    smtp_ca_file: str = ""
+    mail_from: str = "proj@localhost"
+    email_rate_limits: str = ""
+    files_root: Path = Path(".local/files")
+    local_dir: Path = Path(".local")
+    flower_user: str = ""
+    flower_password: str = field(default="", repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `environ` (default: the process environment)."""
+        env = os.environ if environ is None else environ
+        security = env.get("SMTP_SECURITY", "none").strip().lower() or "none"
+        if security not in SMTP_SECURITY_MODES:
+            raise ConfigurationError(
+                f"SMTP_SECURITY must be one of {', '.join(SMTP_SECURITY_MODES)}, got {security!r}"
+            )
+        local_dir = Path(env.get("PROJ_LOCAL_DIR", ".local"))
+        return cls(
+            redis_url=env.get("CELERY_BROKER_URL") or env.get("REDIS_URL") or cls.redis_url,
+            smtp_host=env.get("SMTP_HOST", cls.smtp_host),
+            smtp_port=_int(env, "SMTP_PORT", cls.smtp_port),
+            smtp_username=env.get("SMTP_USERNAME", ""),
+            smtp_password=env.get("SMTP_PASSWORD", ""),
+            smtp_security=security,
+            smtp_timeout=_float(env, "SMTP_TIMEOUT", cls.smtp_timeout),
+            smtp_ca_file=env.get("SMTP_CA_FILE", ""),
+            mail_from=env.get("MAIL_FROM", cls.mail_from),
+            email_rate_limits=env.get("EMAIL_RATE_LIMITS", ""),
+            files_root=Path(env.get("FILES_ROOT", str(local_dir / "files"))),
+            local_dir=local_dir,
+            flower_user=env.get("FLOWER_USER", ""),
+            flower_password=env.get("FLOWER_PASSWORD", ""),
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read on first use."""
+    return Settings.from_env()

@@ -1,0 +1,1 @@
+"""Thin Celery adapters over the services in proj/."""

@@ -1,0 +1,1 @@
+"""Email tasks: thin adapters over proj.mail."""

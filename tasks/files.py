@@ -1,0 +1,1 @@
+"""File tasks: thin adapters over proj.files."""
