@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import socket
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from proj.celery import app
 
+MAX_HOLD_SECONDS = 60.0
 
-@app.task(ignore_result=False, acks_late=False)
-def canary() -> dict[str, Any]:
-    """Answer with the worker's hostname and the time the task ran, proving a queue is consumed."""
+
+@app.task(ignore_result=False)
+def canary(hold: float = 0.0) -> dict[str, Any]:
+    """Answer with the worker's hostname and the time the task ran, proving a queue is consumed.
+
+    `hold` keeps the worker slot busy for that many seconds (at most a minute): shutdown drills use it.
+    """
+    time.sleep(min(max(hold, 0.0), MAX_HOLD_SECONDS))
     return {
         "hostname": canary.request.hostname or socket.gethostname(),
         "ran_at": datetime.now(UTC).isoformat(),
