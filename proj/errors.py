@@ -2,8 +2,12 @@
 
     ProjError
     ├── TransientError            retried with backoff (SMTP 4xx, connection trouble, storage down)
+    │   └── StorageUnavailableError   the storage root cannot be read or written right now
     └── PermanentError            never retried; recorded as a dead letter
-        └── ConfigurationError    a setting is missing or malformed
+        ├── ConfigurationError    a setting is missing or malformed
+        ├── UnsafePathError       a key or archive member would leave the storage root
+        ├── FileNotFoundForProcessing   the file is missing or empty
+        └── InvalidFileError      corrupt, truncated, unsupported or over a limit (bombs)
 """
 
 from __future__ import annotations
@@ -23,3 +27,19 @@ class PermanentError(ProjError):
 
 class ConfigurationError(PermanentError):
     """Raised when a setting from the environment is missing or malformed."""
+
+
+class StorageUnavailableError(TransientError):
+    """Raised when the storage root fails with an I/O error that may clear up (disk full, EIO)."""
+
+
+class UnsafePathError(PermanentError):
+    """Raised when a key or an archive member name would resolve outside the storage root."""
+
+
+class FileNotFoundForProcessing(PermanentError):
+    """Raised when the file behind a key does not exist, is not a regular file, or is empty."""
+
+
+class InvalidFileError(PermanentError):
+    """Raised when a file's content is corrupt, truncated, not the expected type, or over a limit."""
