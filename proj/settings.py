@@ -50,6 +50,17 @@ class Settings:
     mail_from: str = "proj@localhost"
     email_rate_limits: str = ""
     files_root: Path = Path(".local/files")
+    # Temporary files older than this are orphans of killed tasks: the beat cleaner removes them.
+    files_temp_max_age: int = 3600
+    # Below Pillow's 89 MP default: a 64 MP RGB decode stays under ~200 MB per worker child.
+    files_max_image_pixels: int = 64_000_000
+    # Archive budget, counted while extracting (headers can lie): bytes, members, ratio, nesting.
+    files_archive_max_bytes: int = 1 << 30
+    files_archive_max_members: int = 10_000
+    files_archive_max_ratio: int = 100
+    files_archive_max_depth: int = 3
+    # Longest CSV line/field read into memory; a field past it is a hostile file, not data.
+    files_csv_max_field: int = 1 << 20
     local_dir: Path = Path(".local")
     flower_user: str = ""
     flower_password: str = field(default="", repr=False)
@@ -76,6 +87,13 @@ class Settings:
             mail_from=env.get("MAIL_FROM", cls.mail_from),
             email_rate_limits=env.get("EMAIL_RATE_LIMITS", ""),
             files_root=Path(env.get("FILES_ROOT", str(local_dir / "files"))),
+            files_temp_max_age=_int(env, "FILES_TEMP_MAX_AGE", cls.files_temp_max_age),
+            files_max_image_pixels=_int(env, "FILES_MAX_IMAGE_PIXELS", cls.files_max_image_pixels),
+            files_archive_max_bytes=_int(env, "FILES_ARCHIVE_MAX_BYTES", cls.files_archive_max_bytes),
+            files_archive_max_members=_int(env, "FILES_ARCHIVE_MAX_MEMBERS", cls.files_archive_max_members),
+            files_archive_max_ratio=_int(env, "FILES_ARCHIVE_MAX_RATIO", cls.files_archive_max_ratio),
+            files_archive_max_depth=_int(env, "FILES_ARCHIVE_MAX_DEPTH", cls.files_archive_max_depth),
+            files_csv_max_field=_int(env, "FILES_CSV_MAX_FIELD", cls.files_csv_max_field),
             local_dir=local_dir,
             flower_user=env.get("FLOWER_USER", ""),
             flower_password=env.get("FLOWER_PASSWORD", ""),
