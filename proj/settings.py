@@ -64,6 +64,11 @@ class Settings:
     local_dir: Path = Path(".local")
     flower_user: str = ""
     flower_password: str = field(default="", repr=False)
+    flower_port: int = 5555
+    # 0 lets the local stack pick a free port from 6380 up (6379 is often a system Redis).
+    redis_port: int = 0
+    # REDIS_URL or CELERY_BROKER_URL was given: the local stack uses that Redis and starts none.
+    redis_url_given: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -97,6 +102,9 @@ class Settings:
             local_dir=local_dir,
             flower_user=env.get("FLOWER_USER", ""),
             flower_password=env.get("FLOWER_PASSWORD", ""),
+            flower_port=_int(env, "FLOWER_PORT", cls.flower_port),
+            redis_port=_int(env, "REDIS_PORT", cls.redis_port),
+            redis_url_given=bool(env.get("CELERY_BROKER_URL") or env.get("REDIS_URL")),
         )
 
 
@@ -104,3 +112,8 @@ class Settings:
 def get_settings() -> Settings:
     """The process-wide settings, read on first use."""
     return Settings.from_env()
+
+
+def environ_with(overrides: Mapping[str, str]) -> dict[str, str]:
+    """The process environment plus `overrides`, for the processes the local stack starts."""
+    return {**os.environ, **overrides}
