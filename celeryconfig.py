@@ -72,6 +72,10 @@ if broker_visibility_timeout <= task_time_limit + broker_max_countdown:
     )
 broker_transport_options = {
     "visibility_timeout": broker_visibility_timeout,
+    # Sweep for messages of dead workers every N seconds (kombu's default is ~100 s: 10 s x throttle 10),
+    # so the worst-case redelivery delay is visibility_timeout + this.
+    "unacked_restore_interval": _env_int("BROKER_RESTORE_INTERVAL", 10),
+    "unacked_restore_throttle": 1,
     # Probe idle connections so a restarted Redis is noticed instead of silently not consuming.
     "health_check_interval": 10,
     "socket_keepalive": True,

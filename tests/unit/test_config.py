@@ -1,0 +1,106 @@
+"""The Celery configuration: routing, serialisation and the timeout ordering DESIGN.md relies on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import celeryconfig
+from tests.harness import ROOT
+
+DECLARED_QUEUES = {"email", "email_bulk", "files", "default"}
+
+# The public contract: application code and routes depend on these names.
+CONTRACT_TASKS = {
+    "tasks.health.canary": "default",
+    "tasks.email.send_email": "email",
+    "tasks.email.send_bulk": "email_bulk",
+    "tasks.files.inspect_file": "files",
+    "tasks.files.make_thumbnails": "files",
+    "tasks.files.extract_archive": "files",
+    "tasks.files.import_csv": "files",
+    "tasks.files.compress": "files",
+    "tasks.files.process_upload": "files",
+}
+
+
+def _app_tasks() -> dict[str, object]:
+    from proj.celery import app
+
+    app.loader.import_default_modules()
+    return {name: task for name, task in app.tasks.items() if not name.startswith("celery.")}
+
+
+def _queue_of(name: str) -> str:
+    from proj.celery import app
+
+    return str(app.amqp.router.route({}, name)["queue"].name)
+
+
+def test_declared_queues_are_exactly_the_four_workloads():
+    assert {q.name for q in celeryconfig.task_queues} == DECLARED_QUEUES
+    assert celeryconfig.task_create_missing_queues is False
+
+
+def test_every_registered_task_routes_to_a_declared_queue():
+    for name in _app_tasks():
+        assert _queue_of(name) in DECLARED_QUEUES, name
+
+
+@pytest.mark.parametrize("name,queue", sorted(CONTRACT_TASKS.items()))
+def test_contract_task_is_registered_and_routed(name, queue):
+    assert name in _app_tasks(), f"{name} is part of the public contract but not registered"
+    assert _queue_of(name) == queue
+
+
+def test_only_json_is_accepted():
+    from proj.celery import app
+
+    assert app.conf.accept_content == ["json"]
+    assert app.conf.result_accept_content == ["json"]
+    assert app.conf.task_serializer == app.conf.result_serializer == "json"
+
+
+def test_delivery_is_at_least_once():
+    assert celeryconfig.task_acks_late is True
+    assert celeryconfig.task_reject_on_worker_lost is True
+
+
+def test_visibility_timeout_outlasts_hard_limit_plus_longest_broker_countdown():
+    visibility = celeryconfig.broker_transport_options["visibility_timeout"]
+    assert celeryconfig.task_soft_time_limit < celeryconfig.task_time_limit
+    assert visibility > celeryconfig.task_time_limit + celeryconfig.broker_max_countdown
+    assert celeryconfig.result_backend_transport_options["visibility_timeout"] == visibility
+    # Default minutes, not Celery's hour: a killed worker's tasks come back within this.
+    assert visibility <= 15 * 60
+
+
+def test_every_task_retry_delay_fits_in_the_broker_countdown():
+    for name, task in _app_tasks().items():
+        if getattr(task, "autoretry_for", ()) and getattr(task, "retry_backoff", False):
+            assert task.retry_backoff_max <= celeryconfig.broker_max_countdown or getattr(
+                task, "delays_outside_broker", False
+            ), f"{name} would hold countdowns longer than the visibility timeout allows"
+
+
+def test_task_time_limits_fit_in_the_visibility_timeout():
+    visibility = celeryconfig.broker_transport_options["visibility_timeout"]
+    for name, task in _app_tasks().items():
+        hard = getattr(task, "time_limit", None) or celeryconfig.task_time_limit
+        assert hard + celeryconfig.broker_max_countdown < visibility, name
+
+
+def test_inconsistent_timeouts_are_refused_at_import():
+    env = {"BROKER_VISIBILITY_TIMEOUT": "100", "TASK_TIME_LIMIT": "300", "PATH": ""}
+    proc = subprocess.run([sys.executable, "-c", "import celeryconfig"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "BROKER_VISIBILITY_TIMEOUT must exceed" in proc.stderr
+
+
+def test_celeryconfig_imports_alone():
+    code = "import celeryconfig, sys; assert 'proj' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
