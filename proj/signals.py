@@ -13,10 +13,9 @@ from celery.signals import before_task_publish, task_failure
 
 from proj.deadletters import DeadLetter, DeadLetterStore
 from proj.settings import get_settings
+from proj.status import SENT_AT_HEADER
 
 logger = logging.getLogger(__name__)
-
-SENT_AT_HEADER = "proj_sent_at"
 
 
 @lru_cache(maxsize=1)

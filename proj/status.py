@@ -1,0 +1,126 @@
+"""`proj status`: queue depths, the age of the oldest waiting message, workers, and per-queue probes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from proj.deadletters import DeadLetterStore
+from proj.settings import get_settings
+
+SENT_AT_HEADER = "proj_sent_at"  # stamped by proj.signals on every publish
+UNACKED_KEY = "unacked"  # kombu's hash of delivered, not yet acknowledged messages
+
+
+@dataclass(frozen=True)
+class QueueStat:
+    """What is waiting in one queue."""
+
+    name: str
+    depth: int
+    oldest_age: float | None
+
+
+def queue_stats(client: redis.Redis[bytes], names: list[str], now: float | None = None) -> list[QueueStat]:
+    """Depth and oldest-message age of each queue (kombu pushes on the left, pops on the right)."""
+    now = time.time() if now is None else now
+    with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.llen(name)
+            pipe.lindex(name, -1)
+        replies = pipe.execute()
+    stats = []
+    for index, name in enumerate(names):
+        depth, oldest = replies[2 * index], replies[2 * index + 1]
+        stats.append(QueueStat(name, int(depth), _age(oldest, now)))
+    return stats
+
+
+def _age(raw: bytes | None, now: float) -> float | None:
+    if raw is None:
+        return None
+    try:
+        sent_at = json.loads(raw)["headers"][SENT_AT_HEADER]
+    except (ValueError, KeyError, TypeError):
+        return None  # published by something that does not stamp the time
+    return max(0.0, now - float(sent_at))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the status options."""
+    parser.add_argument("--probe", action="store_true",
+                        help="send tasks.health.canary to every queue and time the answer")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for workers and probes")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the state of queues and workers; exit 1 when no worker answers or a probe fails."""
+    import celeryconfig
+    from proj.celery import app
+
+    client = redis.Redis.from_url(get_settings().redis_url)
+    names = [queue.name for queue in celeryconfig.task_queues]
+    report: dict[str, Any] = {
+        "queues": [asdict(s) for s in queue_stats(client, names)],
+        "unacked": int(client.hlen(UNACKED_KEY)),
+        "dead_letters": DeadLetterStore(client).count(),
+        "workers": _workers(app, args.timeout),
+    }
+    if args.probe:
+        report["probes"] = {name: _probe(app, name, args.timeout) for name in names}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print(Console(), report)
+    probes_ok = all(p["ok"] for p in report.get("probes", {}).values())
+    return 0 if report["workers"] and probes_ok else 1
+
+
+def _workers(app: Any, timeout: float) -> dict[str, list[str]]:
+    active = app.control.inspect(timeout=min(timeout, 2.0)).active_queues() or {}
+    return {name: sorted(q["name"] for q in queues) for name, queues in sorted(active.items())}
+
+
+def _probe(app: Any, queue: str, timeout: float) -> dict[str, Any]:
+    from celery.exceptions import TimeoutError as NoAnswer
+
+    started = time.monotonic()
+    result = app.send_task("tasks.health.canary", queue=queue)
+    try:
+        answer = result.get(timeout=timeout)
+    except NoAnswer:
+        result.revoke()  # a late worker should not run a probe nobody waits for
+        return {"ok": False, "error": f"no answer within {timeout:g}s"}
+    except Exception as exc:  # a probe reports whatever went wrong instead of raising
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"ok": True, "seconds": round(time.monotonic() - started, 4), "worker": answer["hostname"]}
+
+
+def _print(console: Console, report: dict[str, Any]) -> None:
+    queues = Table(title="Queues")
+    for column in ("queue", "waiting", "oldest", "probe"):
+        queues.add_column(column)
+    probes = report.get("probes", {})
+    for stat in report["queues"]:
+        age = "-" if stat["oldest_age"] is None else f"{stat['oldest_age']:.1f}s"
+        probe = probes.get(stat["name"])
+        shown = "" if probe is None else (
+            f"{probe['seconds'] * 1000:.0f} ms by {probe['worker']}" if probe["ok"] else probe["error"])
+        queues.add_row(stat["name"], str(stat["depth"]), age, shown)
+    console.print(queues)
+    console.print(f"Delivered but not yet acknowledged: {report['unacked']}   "
+                  f"Dead letters: {report['dead_letters']}")
+    workers = Table(title="Workers")
+    workers.add_column("worker")
+    workers.add_column("consumes")
+    for name, consumed in report["workers"].items():
+        workers.add_row(name, ", ".join(consumed))
+    console.print(workers if report["workers"] else "[bold red]No worker answered.[/]")
