@@ -2,9 +2,13 @@
 
     ProjError
     ├── TransientError            retried with backoff (SMTP 4xx, connection trouble, storage down)
-    │   └── StorageUnavailableError   the storage root cannot be read or written right now
+    │   ├── StorageUnavailableError   the storage root cannot be read or written right now
+    │   ├── EmailDeliveryError    SMTP 4xx, refused/reset connections, timeouts, TLS handshakes
+    │   └── RateLimitedError      a recipient domain is over its limit; re-scheduled, not retried
     └── PermanentError            never retried; recorded as a dead letter
         ├── ConfigurationError    a setting is missing or malformed
+        ├── InvalidEmailError     bad address, header, template, context or attachment
+        ├── EmailRejectedError    the SMTP server answered 5xx
         ├── UnsafePathError       a key or archive member would leave the storage root
         ├── FileNotFoundForProcessing   the file is missing or empty
         └── InvalidFileError      corrupt, truncated, unsupported or over a limit (bombs)
@@ -43,3 +47,23 @@ class FileNotFoundForProcessing(PermanentError):
 
 class InvalidFileError(PermanentError):
     """Raised when a file's content is corrupt, truncated, not the expected type, or over a limit."""
+
+
+class EmailDeliveryError(TransientError):
+    """Raised when the SMTP server answers 4xx or the connection fails, times out or breaks TLS."""
+
+
+class RateLimitedError(TransientError):
+    """Raised when a recipient domain is over its rate limit; `retry_after` says when to come back."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class InvalidEmailError(PermanentError):
+    """Raised when a message cannot be built: bad address, header, body, template or attachment."""
+
+
+class EmailRejectedError(PermanentError):
+    """Raised when the SMTP server rejects the message or every recipient with a 5xx reply."""

@@ -49,6 +49,17 @@ class Settings:
     smtp_ca_file: str = ""
     mail_from: str = "proj@localhost"
     email_rate_limits: str = ""
+    # Backoff cap for SMTP retries; delays past BROKER_MAX_COUNTDOWN wait in the delayed set.
+    email_retry_backoff_max: int = 600
+    # Raw attachment bytes per message: ~10 MB once base64 encoded, what most providers accept.
+    email_max_attachment_bytes: int = 7_500_000
+    # Messages per bulk chunk (one SMTP connection each) and chunks sent at once by one bulk task.
+    email_bulk_chunk_size: int = 50
+    email_bulk_connections: int = 8
+    # How long the idempotency ledger remembers a sent message (seconds).
+    email_ledger_ttl: int = 7 * 86400
+    # Jinja2 templates; empty means the templates shipped in proj/templates.
+    mail_templates_dir: str = ""
     files_root: Path = Path(".local/files")
     # Temporary files older than this are orphans of killed tasks: the beat cleaner removes them.
     files_temp_max_age: int = 3600
@@ -91,6 +102,13 @@ class Settings:
             smtp_ca_file=env.get("SMTP_CA_FILE", ""),
             mail_from=env.get("MAIL_FROM", cls.mail_from),
             email_rate_limits=env.get("EMAIL_RATE_LIMITS", ""),
+            email_retry_backoff_max=_int(env, "EMAIL_RETRY_BACKOFF_MAX", cls.email_retry_backoff_max),
+            email_max_attachment_bytes=_int(
+                env, "EMAIL_MAX_ATTACHMENT_BYTES", cls.email_max_attachment_bytes),
+            email_bulk_chunk_size=_int(env, "EMAIL_BULK_CHUNK_SIZE", cls.email_bulk_chunk_size),
+            email_bulk_connections=_int(env, "EMAIL_BULK_CONNECTIONS", cls.email_bulk_connections),
+            email_ledger_ttl=_int(env, "EMAIL_LEDGER_TTL", cls.email_ledger_ttl),
+            mail_templates_dir=env.get("MAIL_TEMPLATES_DIR", ""),
             files_root=Path(env.get("FILES_ROOT", str(local_dir / "files"))),
             files_temp_max_age=_int(env, "FILES_TEMP_MAX_AGE", cls.files_temp_max_age),
             files_max_image_pixels=_int(env, "FILES_MAX_IMAGE_PIXELS", cls.files_max_image_pixels),
