@@ -75,7 +75,7 @@ class MailSink:
         if self.data_replies:
             reply = self.data_replies.popleft()
             if reply == DISCONNECT:
-                session.transport.close()
+                server.transport.close()
                 return "421 closing"
             return reply
         item = Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.content))
