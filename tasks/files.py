@@ -1,1 +1,138 @@
-"""File tasks: thin adapters over proj.files."""
+"""File tasks: thin adapters over proj.files, all routed to the `files` queue by name."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Task, chain, chord, group
+from celery.utils.log import get_task_logger
+
+from proj.celery import app
+from proj.errors import TransientError
+from proj.files import archives, checksums, csvimport, images, summary
+from proj.files import compress as compressing
+from proj.files.storage import ProgressCallback, Storage
+from proj.settings import get_settings
+
+logger = get_task_logger(__name__)
+
+FILES_MAX_RETRIES = 5
+# Backoff stays within the longest countdown the broker may hold (celeryconfig.broker_max_countdown).
+FILES_RETRY_BACKOFF_MAX = 30
+# At most one PROGRESS write per task per this many seconds: Redis is not a progress bus.
+PROGRESS_INTERVAL = 0.5
+SEND_EMAIL = "tasks.email.send_email"
+
+# One retry policy for every file step: transient storage errors only, backoff with jitter, finite.
+retrying = app.task(bind=True, autoretry_for=(TransientError,), retry_backoff=True,
+                    retry_backoff_max=FILES_RETRY_BACKOFF_MAX, retry_jitter=True,
+                    max_retries=FILES_MAX_RETRIES)
+
+
+def _storage() -> Storage:
+    return Storage(get_settings().files_root)
+
+
+def _progress(task: Task[Any, Any]) -> ProgressCallback:
+    """A throttled callback storing PROGRESS {done, total, step} on the task and its pipeline's root."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if task.request.called_directly or (done < total and now - last[0] < PROGRESS_INTERVAL):
+            return
+        last[0] = now
+        meta = {"done": done, "total": total, "step": task.name.rsplit(".", 1)[-1]}
+        task.update_state(state="PROGRESS", meta=meta)
+        root = task.request.root_id
+        if root and root != task.request.id:
+            # The CLI follows one id, the pipeline's; mirror the step's progress there.
+            task.update_state(task_id=root, state="PROGRESS", meta=meta)
+
+    return report
+
+
+@retrying
+def inspect_file(self: Task[Any, Any], key: str) -> dict[str, Any]:
+    """Size, SHA-256 and sniffed type of the file at `key`."""
+    return checksums.inspect_file(_storage(), key, _progress(self))
+
+
+@retrying
+def make_thumbnails(self: Task[Any, Any], key: str, sizes: list[list[int]] | None = None) -> list[str]:
+    """Thumbnails of the image at `key`, one per [width, height] box; returns their keys."""
+    limit = get_settings().files_max_image_pixels
+    return images.make_thumbnails(_storage(), key, sizes or images.DEFAULT_SIZES, max_pixels=limit,
+                                  on_progress=_progress(self))
+
+
+@retrying
+def extract_archive(self: Task[Any, Any], key: str) -> list[str]:
+    """Extract the zip or tar at `key` under derived/<key>/extracted/; returns the extracted keys."""
+    s = get_settings()
+    limits = archives.ArchiveLimits(s.files_archive_max_bytes, s.files_archive_max_members,
+                                    s.files_archive_max_ratio, s.files_archive_max_depth)
+    return archives.extract_archive(_storage(), key, limits, _progress(self))
+
+
+@retrying
+def import_csv(self: Task[Any, Any], key: str) -> dict[str, Any]:
+    """Column statistics of the CSV at `key` and the key of its failed-rows report."""
+    limit = get_settings().files_csv_max_field
+    return csvimport.import_csv(_storage(), key, max_field=limit, on_progress=_progress(self))
+
+
+@retrying
+def compress(self: Task[Any, Any], key: str, format: str = "gzip") -> dict[str, Any]:
+    """Compress the file at `key` with gzip or zstd; returns the output key and the ratio."""
+    return compressing.compress(_storage(), key, format, _progress(self))
+
+
+@retrying
+def clean_temp_files(self: Task[Any, Any], max_age: int | None = None) -> dict[str, Any]:
+    """Remove temporary files left by killed tasks (run by beat)."""
+    age = get_settings().files_temp_max_age if max_age is None else max_age
+    removed = _storage().clean_temp(age)
+    logger.info("Removed %d orphaned temporary files", len(removed))
+    return {"removed": removed}
+
+
+# --- the pipeline: each step is its own task, chained by Celery's canvas -----------------------
+
+@app.task(bind=True)
+def process_upload(self: Task[Any, Any], key: str, notify: str | None = None) -> Any:
+    """Inspect `key`, then thumbnail / extract / import it by kind; the result is the summary."""
+    return self.replace(chain(inspect_file.si(key), plan_upload.s(notify=notify)))
+
+
+@app.task(bind=True)
+def plan_upload(self: Task[Any, Any], info: dict[str, Any], notify: str | None = None) -> Any:
+    """Replace this step by the steps for the file's kind, ending in the summary."""
+    key, finish = info["key"], {"info": info, "notify": notify}
+    steps = {
+        "image": chain(make_thumbnails.si(key), summarize_upload.s(output="thumbnails", **finish)),
+        "csv": chain(import_csv.si(key), summarize_upload.s(output="import", **finish)),
+        "archive": chain(extract_archive.si(key), inspect_members.s(**finish)),
+    }
+    return self.replace(steps.get(info["kind"], summarize_upload.si(None, output=None, **finish)))
+
+
+@app.task(bind=True)
+def inspect_members(self: Task[Any, Any], keys: list[str], info: dict[str, Any],
+                    notify: str | None = None) -> Any:
+    """Inspect every extracted member in parallel, then summarize (a chord)."""
+    finish = summarize_upload.s(output="members", info=info, notify=notify)
+    if not keys:
+        return self.replace(summarize_upload.si([], output="members", info=info, notify=notify))
+    return self.replace(chord(group(inspect_file.si(k) for k in keys), finish))
+
+
+@app.task(bind=True)
+def summarize_upload(self: Task[Any, Any], result: Any, info: dict[str, Any], output: str | None,
+                     notify: str | None = None) -> dict[str, Any]:
+    """Build the pipeline's summary and, if asked, mail it through tasks.email.send_email."""
+    done = summary.summarize(info, {output: result} if output else {}, notify)
+    if notify:
+        app.send_task(SEND_EMAIL, kwargs={"to": notify, **summary.notification(done)})
+    return done

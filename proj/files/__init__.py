@@ -1,0 +1,1 @@
+"""File processing services: storage, sniffing, checksums, images, archives, CSV, compression."""
