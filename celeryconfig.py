@@ -117,3 +117,12 @@ worker_max_memory_per_child = _env_int("WORKER_MAX_MEMORY_PER_CHILD_KB", 512_000
 # Logs in UTC so the timestamps of workers, beat and Flower line up.
 enable_utc = True
 timezone = "UTC"
+
+# Periodic work (celery -A proj beat). The temp-file cleaner's age threshold is FILES_TEMP_MAX_AGE
+# (proj/settings.py); how often it runs is this interval.
+beat_schedule = {
+    "files-clean-temp": {
+        "task": "tasks.files.clean_temp_files",
+        "schedule": float(_env_int("FILES_CLEAN_INTERVAL", 900)),
+    },
+}
