@@ -97,8 +97,7 @@ def _scan(raw: IO[bytes], total: int, delimiter: str, max_field: int,
           report: Any, on_progress: ProgressCallback) -> dict[str, Any]:
     """Walk the rows once, building column statistics and writing bad rows to `report`."""
     csv.field_size_limit(max_field)
-    text = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
-    reader = csv.reader(_bounded_lines(text, max_field), delimiter=delimiter)
+    reader = csv.reader(_decoded_lines(raw, max_field), delimiter=delimiter)
     report.writerow(REPORT_HEADER)
     table = _Table(report, [])
     try:
@@ -107,21 +106,23 @@ def _scan(raw: IO[bytes], total: int, delimiter: str, max_field: int,
                 table.add(row, reader.line_num)
             if reader.line_num % _PROGRESS_ROWS == 0:
                 on_progress(min(raw.tell(), total), total)
-    except UnicodeDecodeError as exc:
-        line = reader.line_num + 1
-        raise InvalidFileError(f"CSV is not valid UTF-8 near line {line}: {exc.reason}") from exc
     except csv.Error as exc:
         raise InvalidFileError(f"CSV cannot be parsed at line {reader.line_num}: {exc}") from exc
-    finally:
-        text.detach()
     if not table.columns:
         raise InvalidFileError("CSV has no header row")
     return {"rows": table.rows, "failed_rows": table.failed, "columns": [vars(c) for c in table.columns]}
 
 
-def _bounded_lines(text: IO[str], limit: int) -> Iterator[str]:
-    """Yield physical lines, refusing one longer than `limit` before it fills memory."""
-    while line := text.readline(limit + 1):
-        if len(line) > limit and not line.endswith("\n"):
-            raise InvalidFileError(f"CSV has a line longer than {limit} characters (huge field)")
-        yield line
+def _decoded_lines(raw: IO[bytes], limit: int) -> Iterator[str]:
+    """Yield physical lines as text, refusing invalid UTF-8 and lines too long to hold in memory."""
+    number = offset = 0
+    while line := raw.readline(limit + 1):
+        number += 1
+        if len(line) > limit and not line.endswith(b"\n"):
+            raise InvalidFileError(f"CSV line {number} is longer than {limit} bytes (huge field)")
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            where = f"line {number}, byte {offset + exc.start}"
+            raise InvalidFileError(f"CSV is not valid UTF-8 at {where}: {exc.reason}") from exc
+        offset += len(line)

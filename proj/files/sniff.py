@@ -106,7 +106,10 @@ def csv_delimiter(text: str) -> str | None:
         return None
     best: tuple[float, str] | None = None
     for delimiter in _CSV_DELIMITERS:
-        widths = Counter(len(row) for row in csv.reader(lines, delimiter=delimiter))
+        try:
+            widths = Counter(len(row) for row in csv.reader(lines, delimiter=delimiter))
+        except csv.Error:
+            continue  # e.g. a field past the size limit: not this delimiter, or not a CSV at all
         width, hits = widths.most_common(1)[0]
         share = hits / len(lines)
         if width > 1 and share >= _CSV_MIN_SHARE and (best is None or share > best[0]):

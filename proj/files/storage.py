@@ -85,7 +85,7 @@ class Storage:
     def writer(self, key: str) -> Iterator[BinaryIO]:
         """Write `key` atomically: a marked temp file, fsync, then os.replace; removed on any error."""
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        created = self._make_parents(target)
         temp = target.with_name(f".{target.name}{TEMP_MARKER}{uuid.uuid4().hex}")
         try:
             with temp.open("xb") as handle:
@@ -96,13 +96,14 @@ class Storage:
         except BaseException:
             # BaseException too: a soft time limit or a shutdown must not leave half a file.
             temp.unlink(missing_ok=True)
+            _remove_empty(created)
             raise
 
     @contextmanager
     def folder_writer(self, key: str) -> Iterator[Path]:
         """Build folder `key` in a marked temp folder and swap it in whole, or remove it on error."""
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        created = self._make_parents(target)
         self.remove_partial_folders(target)
         temp = target.with_name(f"{target.name}{TEMP_MARKER}{uuid.uuid4().hex}")
         temp.mkdir()
@@ -111,7 +112,14 @@ class Storage:
             _swap_folder(temp, target)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
+            _remove_empty(created)
             raise
+
+    def _make_parents(self, target: Path) -> list[Path]:
+        """Create the missing parent folders of `target`; return them, deepest first."""
+        missing = [p for p in target.parents if p.is_relative_to(self.root) and not p.exists()]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return missing
 
     def remove_partial_folders(self, target: Path) -> None:
         """Remove leftovers of an earlier attempt at `target` (a worker killed mid-way)."""
@@ -153,6 +161,15 @@ def _swap_folder(temp: Path, target: Path) -> None:
     os.replace(temp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove folders made for an output that was never written, if nothing else landed there."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty: another output lives there
 
 
 def _remove(path: Path) -> None:
