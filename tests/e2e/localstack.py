@@ -70,10 +70,21 @@ class LocalStack:
 
     def sourced(self, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run `command` in a bash that sourced stack.env, as another shell of the user would."""
+        return subprocess.run(self._sourced_argv(command), cwd=ROOT, env=self._shell_env(),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def sourced_popen(self, command: str) -> subprocess.Popen[str]:
+        """Start `command` in such a shell, its output readable line by line."""
+        return subprocess.Popen(self._sourced_argv(command), cwd=ROOT, env=self._shell_env(),
+                                stdout=subprocess.PIPE, text=True)
+
+    def _sourced_argv(self, command: str) -> list[str]:
+        return ["bash", "-c", f'source "$1" && {command}', "_", str(self.env_file)]
+
+    def _shell_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _UNSET}
         env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-        return subprocess.run(["bash", "-c", f'source "$1" && {command}', "_", str(self.env_file)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        return env
 
     def tree(self) -> list[psutil.Process]:
         """`proj up` and every process under it, collected by PID."""
@@ -95,13 +106,14 @@ class LocalStack:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout)
         _, alive = psutil.wait_procs(tree, timeout=10)
-        alive = [p for p in alive if _running(p)]
+        alive = [p for p in alive if running(p)]
         for process in alive:
             process.kill()
         return alive
 
 
-def _running(process: psutil.Process) -> bool:
+def running(process: psutil.Process) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
     try:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
