@@ -5,7 +5,10 @@ from __future__ import annotations
 from celery import Celery
 
 import proj.signals  # noqa: F401  (connects the dead-letter and publish-time handlers)
+from proj.celery_delayed import DelayedRelease
 
 app = Celery("proj", include=["tasks.health", "tasks.email", "tasks.files"])
 # A module name rather than an object, so prefork children import it instead of unpickling it.
 app.config_from_object("celeryconfig")
+# Every worker moves due delayed messages (long retry delays) from Redis onto their queues.
+app.steps["worker"].add(DelayedRelease)

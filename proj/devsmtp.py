@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -35,6 +36,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    received_at: float = field(default_factory=time.time)
 
     @property
     def message(self) -> EmailMessage:
@@ -54,6 +56,11 @@ class MailSink:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Tests: called with each stored message before the 250 goes out (e.g. to freeze a process).
+    on_stored: Callable[[Received], None] | None = None
+    # Tests: while set, RCPT replies wait (clients stop before DATA); `held` counts who waits.
+    hold_rcpt: threading.Event = field(default_factory=threading.Event)
+    held: int = 0
 
     def fail_next(self, *replies: str) -> None:
         """Answer the next DATA commands with these replies ("451 ...", "550 ...", or DISCONNECT)."""
@@ -63,6 +70,7 @@ class MailSink:
                           rcpt_options: list[str]) -> str:
         """Accept a recipient unless a reply was scripted for it."""
         await self._pause()
+        await self._hold()
         reply = self.rcpt_replies.get(address.lower())
         if reply:
             return reply
@@ -83,11 +91,21 @@ class MailSink:
             self.received.append(item)
         if self.mail_dir is not None:
             self._save(item)
+        if self.on_stored is not None:
+            self.on_stored(item)
         return "250 Message accepted for delivery"
 
     async def _pause(self) -> None:
         if self.delay:
             await asyncio.sleep(self.delay)
+
+    async def _hold(self) -> None:
+        if not self.hold_rcpt.is_set():
+            return
+        self.held += 1
+        while self.hold_rcpt.is_set():
+            await asyncio.sleep(0.01)
+        self.held -= 1
 
     def _save(self, item: Received) -> None:
         assert self.mail_dir is not None

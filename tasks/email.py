@@ -1,1 +1,59 @@
 """Email tasks: thin adapters over proj.mail."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from celery.utils.log import get_task_logger
+
+from proj.celery import app
+from proj.celery_delayed import DelayedTask, reschedule
+from proj.errors import RateLimitedError, TransientError
+from proj.mail import bulk, get_mailer, validate
+from proj.settings import get_settings
+
+logger = get_task_logger(__name__)
+
+# Retry policy: 4xx and connection trouble only; ~2, 4, 8 ... s with full jitter, capped, 8 tries.
+EMAIL_MAX_RETRIES = 8
+EMAIL_RETRY_BACKOFF = 2
+EMAIL_RETRY_BACKOFF_MAX = get_settings().email_retry_backoff_max
+# A bulk send goes round again for its deferred recipients (4xx, rate limits) at most this often.
+BULK_MAX_ROUNDS = 8
+
+
+@app.task(bind=True, base=DelayedTask, autoretry_for=(TransientError,), retry_backoff=EMAIL_RETRY_BACKOFF,
+          retry_backoff_max=EMAIL_RETRY_BACKOFF_MAX, retry_jitter=True, max_retries=EMAIL_MAX_RETRIES)
+def send_email(self: DelayedTask, to: str | Sequence[str] = (), subject: str | None = None,
+               text: str | None = None, html: str | None = None, cc: str | Sequence[str] | None = None,
+               bcc: str | Sequence[str] | None = None, reply_to: str | Sequence[str] | None = None,
+               headers: Mapping[str, str] | None = None, attachments: Sequence[str] | None = None,
+               template: str | None = None, context: Mapping[str, Any] | None = None,
+               idempotency_key: str | None = None) -> dict[str, Any]:
+    """Send one message exactly once: {"message_id", "accepted", "refused", "duplicate"}."""
+    request = validate(to, subject, text, html, cc=cc, bcc=bcc, reply_to=reply_to, headers=headers,
+                       attachments=attachments, template=template, context=context,
+                       idempotency_key=idempotency_key)
+    try:
+        return get_mailer().send(request, owner=self.request.id or "direct")
+    except RateLimitedError as exc:
+        reschedule(self, exc.retry_after, str(exc))
+
+
+@app.task(bind=True, base=DelayedTask, max_retries=BULK_MAX_ROUNDS)
+def send_bulk(self: DelayedTask, template: str, recipients: list[dict[str, Any]],
+              idempotency_key: str | None = None) -> dict[str, Any]:
+    """Send `template` to each recipient in chunks; PROGRESS shows sent/total; returns the counts."""
+    task_id, request = self.request.id or "direct", self.request
+
+    def progress(meta: dict[str, int]) -> None:
+        self.backend.store_result(task_id, meta, "PROGRESS", request=request)
+
+    done = bulk.run(get_mailer(), template, recipients, idempotency_key, task_id, progress,
+                    last_round=self.request.retries >= BULK_MAX_ROUNDS)
+    if done.deferred:
+        backoff = min(EMAIL_RETRY_BACKOFF * 2 ** self.request.retries, EMAIL_RETRY_BACKOFF_MAX)
+        raise self.retry(kwargs={"template": template, "recipients": done.deferred,
+                                 "idempotency_key": done.bulk_key}, countdown=max(done.retry_after, backoff))
+    return done.result

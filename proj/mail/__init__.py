@@ -1,0 +1,6 @@
+"""Email delivery services (no Celery here): validate before enqueueing, send exactly once."""
+
+from proj.mail.message import EmailRequest, build_message, message_id_for, validate
+from proj.mail.service import Mailer, get_mailer
+
+__all__ = ["EmailRequest", "Mailer", "build_message", "get_mailer", "message_id_for", "validate"]

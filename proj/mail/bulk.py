@@ -1,0 +1,184 @@
+"""Bulk sends: one template, many recipients, chunks sent in parallel, one SMTP connection per chunk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from proj.errors import InvalidEmailError, PermanentError, RateLimitedError, TransientError
+from proj.mail.message import EmailRequest, validate
+from proj.mail.service import Mailer
+from proj.mail.templates import check_template
+from proj.mail.transport import ChunkConnection
+
+logger = logging.getLogger(__name__)
+
+# A round's tally lives as long as a result does; a bulk send never takes a day.
+TALLY_TTL = 86400
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Round:
+    """What one pass over the recipients did; `deferred` go round again later."""
+
+    sent: int = 0
+    duplicates: int = 0
+    failures: list[dict[str, str]] = field(default_factory=list)
+    deferred: list[dict[str, Any]] = field(default_factory=list)
+    retry_after: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+def message_key(bulk_key: str, recipient: Mapping[str, Any]) -> str:
+    """The idempotency key of one message of a bulk send: the bulk key plus recipient and context."""
+    body = json.dumps([recipient.get("to"), recipient.get("context") or {}], sort_keys=True, default=str)
+    return f"{bulk_key}:{hashlib.sha256(body.encode()).hexdigest()[:32]}"
+
+
+def prepare(template: str, recipients: Sequence[Any], bulk_key: str,
+            mailer: Mailer) -> tuple[list[tuple[dict[str, Any], EmailRequest]], list[dict[str, str]]]:
+    """Render and check every recipient's message; the ones that can't be built are failures."""
+    ready, failures = [], []
+    for item in recipients:
+        if not isinstance(item, Mapping) or "to" not in item:
+            failures.append({"to": repr(item)[:200], "error": "a recipient is {'to': ..., 'context': {...}}"})
+            continue
+        try:
+            request = validate(to=item["to"], template=template, context=item.get("context") or {},
+                               idempotency_key=message_key(bulk_key, item), settings=mailer.settings)
+        except InvalidEmailError as exc:
+            failures.append({"to": str(item["to"])[:200], "error": str(exc)})
+            continue
+        ready.append((dict(item), request))
+    return ready, failures
+
+
+def send_round(mailer: Mailer, ready: list[tuple[dict[str, Any], EmailRequest]], owner: str,
+               on_chunk: Callable[[Round], None]) -> Round:
+    """Send every prepared message, chunks in parallel, each chunk over one connection."""
+    size = max(1, mailer.settings.email_bulk_chunk_size)
+    chunks = [ready[i:i + size] for i in range(0, len(ready), size)]
+    outcome = Round()
+    if not chunks:
+        return outcome
+    workers = max(1, min(mailer.settings.email_bulk_connections, len(chunks)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bulk") as pool:
+        for _ in pool.map(lambda chunk: _send_chunk(mailer, chunk, owner, outcome, on_chunk), chunks):
+            pass
+    return outcome
+
+
+def _send_chunk(mailer: Mailer, chunk: list[tuple[dict[str, Any], EmailRequest]], owner: str,
+                outcome: Round, on_chunk: Callable[[Round], None]) -> None:
+    """Send one chunk over its own connection and add its results to `outcome`."""
+    conn = ChunkConnection(mailer.settings)
+    try:
+        for item, request in chunk:
+            _send_one(mailer, item, request, owner, conn, outcome)
+    finally:
+        conn.close()
+    on_chunk(outcome)
+
+
+def _send_one(mailer: Mailer, item: dict[str, Any], request: EmailRequest, owner: str,
+              conn: ChunkConnection, outcome: Round) -> None:
+    """Send one message of a chunk and count what happened."""
+    try:
+        result = mailer.deliver(request, owner, conn.send)
+    except RateLimitedError as exc:
+        _count(outcome, deferred=item, retry_after=exc.retry_after)
+    except TransientError as exc:
+        _count(outcome, deferred={**item, "last_error": str(exc)})
+    except PermanentError as exc:
+        _count(outcome, failure={"to": ", ".join(request.to), "error": str(exc)})
+    else:
+        _count(outcome, duplicate=bool(result["duplicate"]))
+
+
+def _count(outcome: Round, *, duplicate: bool | None = None, failure: dict[str, str] | None = None,
+           deferred: dict[str, Any] | None = None, retry_after: float = 0.0) -> None:
+    with outcome.lock:
+        if duplicate is not None:
+            outcome.duplicates += duplicate
+            outcome.sent += not duplicate
+        if failure is not None:
+            outcome.failures.append(failure)
+        if deferred is not None:
+            outcome.deferred.append(deferred)
+            outcome.retry_after = max(outcome.retry_after, retry_after)
+
+
+class Tally:
+    """Counts of a bulk send across its rounds, in Redis, so a retried round adds to the last one."""
+
+    def __init__(self, mailer: Mailer, bulk_id: str) -> None:
+        self.client = mailer.client
+        self.key = f"proj:bulk:{bulk_id}"
+
+    def start(self, total: int) -> None:
+        """Remember the total of the first round (later rounds carry only the deferred)."""
+        self.client.hsetnx(self.key, "total", total)
+        self.client.expire(self.key, TALLY_TTL)
+
+    def add(self, sent: int, duplicates: int, failures: list[dict[str, str]]) -> None:
+        with self.client.pipeline() as pipe:
+            pipe.hincrby(self.key, "sent", sent).hincrby(self.key, "duplicates", duplicates)
+            pipe.hincrby(self.key, "failed", len(failures))
+            for failure in failures:
+                pipe.rpush(self.key + ":failures", json.dumps(failure))
+            pipe.expire(self.key + ":failures", TALLY_TTL)
+            pipe.execute()
+
+    def read(self) -> dict[str, Any]:
+        """{"total", "sent", "duplicates", "failed", "failures"} so far."""
+        raw = {k.decode(): int(v) for k, v in self.client.hgetall(self.key).items()}
+        failures = [json.loads(f) for f in self.client.lrange(self.key + ":failures", 0, -1)]
+        counts = {name: raw.get(name, 0) for name in ("total", "sent", "duplicates", "failed")}
+        return {**counts, "failures": failures}
+
+
+@dataclass(frozen=True)
+class BulkRun:
+    """The result so far, plus what must go round again and when."""
+
+    result: dict[str, Any]
+    deferred: list[dict[str, Any]]
+    retry_after: float
+    bulk_key: str
+
+
+def run(mailer: Mailer, template: str, recipients: Any, bulk_key: str | None, bulk_id: str,
+        progress: Callable[[dict[str, int]], None], last_round: bool) -> BulkRun:
+    """One round of a bulk send: every message sent once; on the last round deferred become failures."""
+    if not isinstance(recipients, list) or not recipients:
+        raise InvalidEmailError("recipients: expected a non-empty list of {'to': ..., 'context': {...}}")
+    check_template(template, mailer.settings.mail_templates_dir)
+    key = bulk_key or "bulk:" + hashlib.sha256(
+        json.dumps([template, recipients], sort_keys=True, default=str).encode()).hexdigest()
+    tally = Tally(mailer, bulk_id)
+    tally.start(len(recipients))
+    ready, invalid = prepare(template, recipients, key, mailer)
+    tally.add(0, 0, invalid)
+    before = tally.read()
+
+    def on_chunk(now: Round) -> None:
+        progress({"sent": before["sent"] + now.sent, "total": before["total"],
+                  "duplicates": before["duplicates"] + now.duplicates,
+                  "failed": before["failed"] + len(now.failures)})
+
+    done = send_round(mailer, ready, bulk_id, on_chunk)
+    deferred, failures = done.deferred, done.failures
+    if last_round and deferred:
+        failures = failures + [{"to": str(d["to"]), "error": d.get("last_error", "rate limited")}
+                               for d in deferred]
+        deferred = []
+    tally.add(done.sent, done.duplicates, failures)
+    return BulkRun({**tally.read(), "deferred": len(deferred)}, deferred, done.retry_after, key)

@@ -1,0 +1,214 @@
+"""Checking a send request and turning it into an EmailMessage: addresses, headers, body, attachments."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from email import policy
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+
+from proj.errors import InvalidEmailError, ProjError
+from proj.files.sniff import sniff
+from proj.files.storage import Storage
+from proj.mail.templates import render
+from proj.settings import Settings, get_settings
+
+# Extra headers callers may set; everything else (From, To, Bcc, Message-ID...) is ours to write.
+ALLOWED_HEADERS = frozenset(
+    h.lower() for h in ("List-Unsubscribe", "List-Unsubscribe-Post", "List-Id", "In-Reply-To",
+                        "References", "Precedence", "Auto-Submitted")
+)
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,75}$")
+# RFC 5322 line limit; a longer subject or header value is a bug upstream, not a message.
+MAX_HEADER_LENGTH = 998
+MAX_RECIPIENTS = 100
+MAX_KEY_LENGTH = 200
+
+
+@dataclass(frozen=True)
+class EmailRequest:
+    """A checked message, ready to build: every address normalised, every header value clean."""
+
+    to: tuple[str, ...]
+    subject: str
+    text: str
+    html: str | None = None
+    cc: tuple[str, ...] = ()
+    bcc: tuple[str, ...] = ()
+    reply_to: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    attachments: tuple[str, ...] = ()
+    idempotency_key: str = ""
+
+    @property
+    def recipients(self) -> list[str]:
+        """Envelope recipients: To, Cc and Bcc, each once."""
+        return list(dict.fromkeys((*self.to, *self.cc, *self.bcc)))
+
+
+def validate(to: str | Sequence[str] = (), subject: str | None = None, text: str | None = None,
+             html: str | None = None, *, cc: str | Sequence[str] | None = None,
+             bcc: str | Sequence[str] | None = None, reply_to: str | Sequence[str] | None = None,
+             headers: Mapping[str, str] | None = None, attachments: Sequence[str] | None = None,
+             template: str | None = None, context: Mapping[str, Any] | None = None,
+             idempotency_key: str | None = None, settings: Settings | None = None) -> EmailRequest:
+    """Check everything `send_email` would, and return the request it would send.
+
+    Raises:
+        InvalidEmailError: with a sentence a person understands, before anything is sent.
+    """
+    settings = settings or get_settings()
+    if template is not None:
+        if subject is not None or text is not None or html is not None:
+            raise InvalidEmailError("give either a template or subject/text/html, not both")
+        subject, text, html = render(template, context or {}, settings.mail_templates_dir)
+    request = EmailRequest(
+        to=_addresses(to, "to"), subject=_header_value("subject", subject or ""),
+        text=_body(text, html), html=html if html else None, cc=_addresses(cc, "cc"),
+        bcc=_addresses(bcc, "bcc"), reply_to=_addresses(reply_to, "reply_to"),
+        headers=_extra_headers(headers), attachments=_attachments(attachments, settings),
+    )
+    if not request.to and not request.cc and not request.bcc:
+        raise InvalidEmailError("a message needs at least one recipient in to, cc or bcc")
+    if len(request.recipients) > MAX_RECIPIENTS:
+        raise InvalidEmailError(f"at most {MAX_RECIPIENTS} recipients per message; use send_bulk")
+    return _with_key(request, idempotency_key)
+
+
+def _addresses(value: str | Sequence[str] | None, field: str) -> tuple[str, ...]:
+    """Normalise one address or a list of them; display names and lists in one string are refused."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(dict.fromkeys(address(item, field) for item in items))
+
+
+def address(value: object, field: str = "address") -> str:
+    """One plain address (no display name), checked by email-validator, in its ASCII form."""
+    if not isinstance(value, str):
+        raise InvalidEmailError(f"{field}: expected an address string, got {type(value).__name__}")
+    try:
+        checked = validate_email(value, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        raise InvalidEmailError(f"{field}: {value!r} is not a valid email address: {exc}") from None
+    return str(checked.ascii_email or checked.normalized)
+
+
+def _header_value(name: str, value: object) -> str:
+    """A header value without line breaks (the header-injection guard) and within the line limit."""
+    if not isinstance(value, str):
+        raise InvalidEmailError(f"{name}: expected text, got {type(value).__name__}")
+    if any(ch in value for ch in "\r\n\x00"):
+        raise InvalidEmailError(f"{name}: line breaks are not allowed in a header value")
+    if len(value) > MAX_HEADER_LENGTH:
+        raise InvalidEmailError(f"{name}: longer than {MAX_HEADER_LENGTH} characters")
+    return value
+
+
+def _body(text: str | None, html: str | None) -> str:
+    """The text part; a message with neither text nor HTML is refused."""
+    for name, part in (("text", text), ("html", html)):
+        if part is not None and not isinstance(part, str):
+            raise InvalidEmailError(f"{name}: expected text, got {type(part).__name__}")
+    if not (text or "").strip() and not (html or "").strip():
+        raise InvalidEmailError("a message needs a body: text, html or a template")
+    return text or ""
+
+
+def _extra_headers(headers: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    """Allowlisted extra headers (and any X-*), names and values checked."""
+    if not headers:
+        return ()
+    if not isinstance(headers, Mapping):
+        raise InvalidEmailError("headers: expected a mapping of header name to value")
+    checked = []
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise InvalidEmailError(f"headers: {name!r} is not a valid header name")
+        if name.lower() not in ALLOWED_HEADERS and not name.lower().startswith("x-"):
+            raise InvalidEmailError(f"headers: {name!r} may not be set by callers")
+        checked.append((name, _header_value(f"header {name}", value)))
+    return tuple(checked)
+
+
+def _attachments(keys: Sequence[str] | None, settings: Settings) -> tuple[str, ...]:
+    """Storage keys that exist under the storage root and fit the size limit together."""
+    if not keys:
+        return ()
+    if isinstance(keys, str):
+        keys = [keys]
+    storage, total = Storage(settings.files_root), 0
+    for key in keys:
+        try:
+            total += storage.file(key).stat().st_size
+        except ProjError as exc:  # unsafe path, missing or empty file
+            raise InvalidEmailError(f"attachment {key!r}: {exc}") from exc
+    if total > settings.email_max_attachment_bytes:
+        raise InvalidEmailError(
+            f"attachments total {total} bytes, over the limit of {settings.email_max_attachment_bytes}")
+    return tuple(keys)
+
+
+def _with_key(request: EmailRequest, key: str | None) -> EmailRequest:
+    """The request with its idempotency key: the given one, else a hash of content and recipients."""
+    if key is None:
+        body = json.dumps(asdict(request), sort_keys=True, ensure_ascii=False)
+        key = "auto:" + hashlib.sha256(body.encode()).hexdigest()
+    elif not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+        raise InvalidEmailError(f"idempotency_key: 1 to {MAX_KEY_LENGTH} printable characters")
+    return EmailRequest(**{**asdict(request), "idempotency_key": key})
+
+
+def message_id_for(key: str, settings: Settings) -> str:
+    """The Message-ID derived from an idempotency key: a redelivery carries the same one."""
+    domain = sender_address(settings).rpartition("@")[2] or "localhost"
+    return f"<{hashlib.sha256(key.encode()).hexdigest()[:40]}@{domain}>"
+
+
+def sender_address(settings: Settings) -> str:
+    """The bare envelope sender from MAIL_FROM, which may carry a display name."""
+    match = re.search(r"<([^<>]+)>\s*$", settings.mail_from)
+    return (match.group(1) if match else settings.mail_from).strip()
+
+
+def build_message(request: EmailRequest, message_id: str, settings: Settings) -> EmailMessage:
+    """The MIME message: text with an HTML alternative, attachments with their sniffed type."""
+    msg = EmailMessage(policy=policy.SMTP)
+    msg["From"] = settings.mail_from
+    for name, values in (("To", request.to), ("Cc", request.cc), ("Reply-To", request.reply_to)):
+        if values:
+            msg[name] = ", ".join(values)
+    msg["Subject"] = request.subject
+    msg["Date"] = formatdate(usegmt=True)
+    msg["Message-ID"] = message_id
+    for name, value in request.headers:
+        msg[name] = value
+    if request.text:
+        msg.set_content(request.text)
+        if request.html:
+            msg.add_alternative(request.html, subtype="html")
+    else:
+        msg.set_content(request.html or "", subtype="html")
+    _attach(msg, request.attachments, settings)
+    return msg
+
+
+def _attach(msg: EmailMessage, keys: Iterable[str], settings: Settings) -> None:
+    """Add each attachment with the type sniffed from its content, never trusted from its name."""
+    storage = Storage(settings.files_root)
+    for key in keys:
+        try:
+            path = storage.file(key)
+            maintype, _, subtype = sniff(path).mime.partition("/")
+            data = path.read_bytes()
+        except ProjError as exc:
+            raise InvalidEmailError(f"attachment {key!r}: {exc}") from exc
+        msg.add_attachment(data, maintype=maintype, subtype=subtype or "octet-stream",
+                           filename=path.name)

@@ -1,0 +1,98 @@
+"""Sending one message exactly once: ledger claim, rate limit, SMTP transaction, ledger record."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Any
+
+import redis
+
+from proj.errors import EmailDeliveryError, PermanentError, RateLimitedError
+from proj.ledger import Ledger
+from proj.mail.message import EmailRequest, build_message, message_id_for, sender_address
+from proj.mail.transport import TemporaryReplyError, ThreadConnections
+from proj.ratelimit import DomainRateLimiter, parse_limits
+from proj.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+SendFn = Callable[[str, Sequence[str], bytes, Callable[[], None]], dict[str, str]]
+
+
+class Mailer:
+    """The email service of one process: shared Redis client, ledger, limiter, SMTP connections."""
+
+    def __init__(self, settings: Settings, client: redis.Redis[bytes] | None = None) -> None:
+        self.settings = settings
+        self.client = client or redis.Redis.from_url(settings.redis_url)
+        self.ledger = Ledger(self.client, "email", settings.email_ledger_ttl)
+        self.limiter = DomainRateLimiter(self.client, parse_limits(settings.email_rate_limits))
+        self.connections = ThreadConnections(settings)
+
+    def send(self, request: EmailRequest, owner: str) -> dict[str, Any]:
+        """Send a transactional message on this thread's reused connection."""
+        return self.deliver(request, owner, self.connections.send)
+
+    def deliver(self, request: EmailRequest, owner: str, send: SendFn) -> dict[str, Any]:
+        """Send `request` once per idempotency key, whoever asks and however often.
+
+        Raises:
+            RateLimitedError: a recipient domain is over its limit; come back after `retry_after`.
+            EmailDeliveryError: worth retrying (4xx, connection trouble, or the key is in flight).
+            PermanentError: the server refused for good, or the message cannot be built.
+        """
+        key = request.idempotency_key
+        claim = self.ledger.claim(key, owner)
+        if claim.status == "sent":
+            logger.info("Message %s was already sent; not sending again", key)
+            return {**claim.record["outcome"], "duplicate": True}
+        if claim.status == "busy":
+            raise EmailDeliveryError(f"message {key!r} is being sent by task {claim.record.get('owner')}")
+        if claim.ambiguous:
+            logger.warning("Task %s died while the server held message %s; sending again", owner, key)
+        self._take_slots(request, owner)
+        outcome = self._transact(request, owner, send)
+        self.ledger.sent(key, owner, outcome)
+        return {**outcome, "duplicate": False}
+
+    def _take_slots(self, request: EmailRequest, owner: str) -> None:
+        """One slot per recipient domain, or give the claim back and say when to come back."""
+        wait = self.limiter.acquire(addr.rpartition("@")[2] for addr in request.recipients)
+        if wait > 0:
+            self.ledger.release(request.idempotency_key, owner)
+            retry_after = wait + random.uniform(0, max(wait, 0.05))  # spread the herd
+            raise RateLimitedError(f"rate limit reached; retry in {retry_after:.2f}s", retry_after)
+
+    def _transact(self, request: EmailRequest, owner: str, send: SendFn) -> dict[str, Any]:
+        """Build and send; keep the "sending" mark only when the outcome is unknown."""
+        key = request.idempotency_key
+        message_id = message_id_for(key, self.settings)
+        data = build_message(request, message_id, self.settings).as_bytes()
+        handed_over = False
+
+        def before_data() -> None:
+            nonlocal handed_over
+            self.ledger.sending(key, owner)
+            handed_over = True
+
+        try:
+            refused = send(sender_address(self.settings), request.recipients, data, before_data)
+        except (PermanentError, TemporaryReplyError):
+            self.ledger.release(key, owner)  # the server answered: it does not hold the message
+            raise
+        except EmailDeliveryError:
+            if not handed_over:
+                self.ledger.release(key, owner)
+            raise
+        accepted = [r for r in request.recipients if r not in refused]
+        logger.info("Sent %s to %d recipient(s), %d refused", message_id, len(accepted), len(refused))
+        return {"message_id": message_id, "accepted": accepted, "refused": refused}
+
+
+@lru_cache(maxsize=1)
+def get_mailer() -> Mailer:
+    """The process-wide mailer, created on first use."""
+    return Mailer(get_settings())

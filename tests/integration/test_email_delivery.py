@@ -1,0 +1,195 @@
+"""Email through a real worker subprocess to a real SMTP server: content, TLS, retries, refusals."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+from PIL import Image
+
+from proj.devsmtp import MailSink, start
+from proj.settings import Settings
+from tests.conftest import smtp_env
+from tests.harness import free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+EMAIL_QUEUES = "email,email_bulk"
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 3), (200, 10, 10)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_delivered_content_parts_headers_attachment_and_message_id(start_worker, smtp_server, files_root):
+    from proj.mail import message_id_for
+    from tasks.email import send_email
+
+    png = _png()
+    (files_root / "reports").mkdir()
+    (files_root / "reports" / "chart.txt").write_bytes(png)  # a lying extension: the type is sniffed
+    start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server))
+
+    result = send_email.delay(
+        to=["Ann@Example.com"], cc="bob@example.org", bcc=["carol@example.net"], template="welcome",
+        context={"name": "Ann <b>", "product": "Proj", "url": "https://example.com/?a=1&b=2"},
+        headers={"List-Unsubscribe": "<mailto:unsub@example.com>", "X-Campaign": "welcome-1"},
+        attachments=["reports/chart.txt"], idempotency_key="welcome:ann",
+    ).get(timeout=30)
+
+    assert result["message_id"] == message_id_for("welcome:ann", Settings())
+    assert result["refused"] == {} and result["duplicate"] is False
+    assert sorted(result["accepted"]) == ["Ann@example.com", "bob@example.org", "carol@example.net"]
+    [received] = smtp_server.handler.received
+    assert sorted(received.rcpt_tos) == sorted(result["accepted"])
+    msg = received.message
+    assert msg["Message-ID"] == result["message_id"]
+    assert msg["Subject"] == "Welcome to Proj, Ann <b>"
+    assert msg["To"] == "Ann@example.com" and msg["Cc"] == "bob@example.org"
+    assert msg["Bcc"] is None  # blind copies travel in the envelope only
+    assert msg["List-Unsubscribe"] == "<mailto:unsub@example.com>" and msg["X-Campaign"] == "welcome-1"
+    text = msg.get_body(("plain",)).get_content()
+    html = msg.get_body(("html",)).get_content()
+    assert "Hello Ann <b>," in text and "https://example.com/?a=1&b=2" in text
+    assert "Hello Ann &lt;b&gt;," in html and "https://example.com/?a=1&amp;b=2" in html
+    [attachment] = list(msg.iter_attachments())
+    assert attachment.get_content_type() == "image/png"
+    assert attachment.get_filename() == "chart.txt"
+    assert attachment.get_content() == png
+
+
+def test_starttls_and_auth(start_worker, smtp_server_tls):
+    from tasks.email import send_email
+
+    env = {**smtp_env(smtp_server_tls), "SMTP_SECURITY": "starttls", "SMTP_USERNAME": "user",
+           "SMTP_PASSWORD": "secret", "SMTP_CA_FILE": smtp_server_tls.ca_file}
+    worker = start_worker(EMAIL_QUEUES, env=env)
+    result = send_email.delay(to="dan@example.com", subject="over TLS", text="hi").get(timeout=30)
+    [received] = smtp_server_tls.handler.received
+    assert received.message["Message-ID"] == result["message_id"]
+    assert "secret" not in worker.log()  # the password never reaches the log
+
+
+def test_451_then_250_delivers_once_after_one_retry(start_worker, smtp_server):
+    from tasks.email import send_email
+
+    smtp_server.handler.fail_next("451 4.3.0 Try again later")
+    start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server))
+    async_result = send_email.delay(to="eve@example.com", subject="retry", text="body")
+    result = async_result.get(timeout=30)
+    assert len(smtp_server.handler.received) == 1
+    assert smtp_server.handler.received[0].message["Message-ID"] == result["message_id"]
+    assert async_result.retries == 1
+
+
+def test_550_fails_at_once_with_the_reply(start_worker, smtp_server, redis_client):
+    from proj.deadletters import DeadLetterStore
+    from tasks.email import send_email
+
+    smtp_server.handler.fail_next("550 5.7.1 Rejected by policy")
+    start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server))
+    async_result = send_email.delay(to="frank@example.com", subject="no", text="body")
+    with pytest.raises(Exception, match=r"550 5\.7\.1 Rejected by policy"):
+        async_result.get(timeout=30)
+    assert async_result.state == "FAILURE" and async_result.retries == 0
+    assert smtp_server.handler.received == []
+    [letter] = wait_for(lambda: DeadLetterStore(redis_client).list(), what="dead letter")
+    assert letter.exc_type == "EmailRejectedError" and "550" in letter.message
+
+
+def test_server_down_then_up_delivers_once(start_worker):
+    from tasks.email import send_email
+
+    port = free_port()
+    start_worker(EMAIL_QUEUES, env={"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port)})
+    async_result = send_email.delay(to="gina@example.com", subject="later", text="body")
+    wait_for(lambda: async_result.state == "RETRY", what="a retry after connection refused")
+    handler = MailSink()
+    controller = start(handler, "127.0.0.1", port)
+    try:
+        result = async_result.get(timeout=40)
+        assert [r.message["Message-ID"] for r in handler.received] == [result["message_id"]]
+    finally:
+        controller.stop()
+
+
+def test_partly_refused_recipients_are_reported_not_resent(start_worker, smtp_server):
+    from tasks.email import send_email
+
+    smtp_server.handler.rcpt_replies["nobody@example.com"] = "550 5.1.1 No such user"
+    start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server))
+    kwargs = {"to": ["hal@example.com", "nobody@example.com"], "subject": "s", "text": "t",
+              "idempotency_key": "partial-1"}
+    result = send_email.delay(**kwargs).get(timeout=30)
+    assert result["accepted"] == ["hal@example.com"]
+    assert result["refused"] == {"nobody@example.com": "550 5.1.1 No such user"}
+    again = send_email.delay(**kwargs).get(timeout=30)
+    assert again["duplicate"] is True and again["message_id"] == result["message_id"]
+    assert [r.rcpt_tos for r in smtp_server.handler.received] == [["hal@example.com"]]
+
+
+def test_same_key_twice_and_same_content_twice_send_once(start_worker, smtp_server):
+    from tasks.email import send_email
+
+    start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server))
+    ivy = {"to": "ivy@example.com", "idempotency_key": "k-1"}
+    first = send_email.delay(**ivy, subject="a", text="x").get(timeout=30)
+    second = send_email.delay(**ivy, subject="b", text="y").get(timeout=30)
+    assert (first["duplicate"], second["duplicate"]) == (False, True)
+    third = send_email.delay(to="ivy@example.com", subject="c", text="z").get(timeout=30)
+    fourth = send_email.delay(to="ivy@example.com", subject="c", text="z").get(timeout=30)
+    assert fourth["duplicate"] is True and fourth["message_id"] == third["message_id"]
+    assert len(smtp_server.handler.received) == 2
+
+
+def test_header_injection_and_bad_addresses_fail_permanently_and_the_worker_stays_up(
+        start_worker, smtp_server):
+    from tasks.email import send_email
+
+    start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server))
+    bad = [
+        {"to": "jo@example.com", "subject": "hi\r\nBcc: victim@example.com", "text": "t"},
+        {"to": "jo@example.com", "subject": "s", "text": "t", "headers": {"X-A": "v\nBcc: x@example.com"}},
+        {"to": "jo@example.com", "subject": "s", "text": "t", "headers": {"Bcc": "x@example.com"}},
+        {"to": "jo@example.com\r\nBcc: x@example.com", "subject": "s", "text": "t"},
+        {"to": "not-an-address", "subject": "s", "text": "t"},
+        {"to": "jo@example.com", "subject": "s", "text": ""},
+        {"to": "jo@example.com", "template": "no-such-template"},
+        {"to": "jo@example.com", "template": "welcome", "context": {"name": "x"}},
+        {"to": "jo@example.com", "subject": "s", "text": "t", "attachments": ["../../etc/passwd"]},
+        {"to": "jo@example.com", "subject": "s", "text": "t", "attachments": ["missing.pdf"]},
+    ]
+    results = [send_email.delay(**kwargs) for kwargs in bad]
+    for async_result in results:
+        with pytest.raises(Exception, match=r"\S"):
+            async_result.get(timeout=30)
+        assert async_result.state == "FAILURE" and async_result.retries == 0
+        assert type(async_result.result).__name__ == "InvalidEmailError"
+    assert send_email.delay(to="jo@example.com", subject="fine", text="t").get(timeout=30)
+    assert len(smtp_server.handler.received) == 1
+
+
+def test_a_long_countdown_waits_in_the_delayed_set_not_in_the_broker(start_worker, smtp_server,
+                                                                      redis_client, celery_app,
+                                                                      monkeypatch):
+    from proj.delayed import DelayedSet
+    from tasks.email import send_email
+
+    monkeypatch.setitem(celery_app.conf, "broker_max_countdown", 1)  # production: 30 s
+    delayed = DelayedSet(redis_client)
+    async_result = send_email.apply_async(kwargs={"to": "kim@example.com", "subject": "s", "text": "t"},
+                                          countdown=4)
+    [parked] = delayed.pending()
+    assert parked["id"] == async_result.id and parked["queue"] == "email"
+    assert parked["due"] > time.time() + 2
+    assert redis_client.llen("email") == 0  # nothing for a worker to hold past the visibility timeout
+    assert delayed.release_due() == 0  # not due yet
+    worker = start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server))
+    result = async_result.get(timeout=30)  # the worker's release step moved it onto the queue
+    assert [r.message["Message-ID"] for r in smtp_server.handler.received] == [result["message_id"]]
+    assert smtp_server.handler.received[0].received_at >= parked["due"]
+    assert delayed.pending() == []
+    assert "Released 1 delayed message" in worker.log()
