@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Store the file, enqueue the pipeline by name, draw its progress, print the summary."""
-    console = Console()
+    console = Console(soft_wrap=True)  # keys and paths stay on one line, also in logs
     source: Path = args.path
     if not source.is_file():
         console.print(f"[red]No such file: {source}[/red]")
