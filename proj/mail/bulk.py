@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 # A round's tally lives as long as a result does; a bulk send never takes a day.
 TALLY_TTL = 86400
 
-Progress = Callable[[int, int], None]
+RECIPIENT_SHAPE = "a recipient is {'to': address, 'context': {...}}"
 
 
 @dataclass
@@ -43,22 +43,35 @@ def message_key(bulk_key: str, recipient: Mapping[str, Any]) -> str:
     return f"{bulk_key}:{hashlib.sha256(body.encode()).hexdigest()[:32]}"
 
 
-def prepare(template: str, recipients: Sequence[Any], bulk_key: str,
-            mailer: Mailer) -> tuple[list[tuple[dict[str, Any], EmailRequest]], list[dict[str, str]]]:
+@dataclass
+class Prepared:
+    """Messages ready to send, the ones that cannot be built, and repeats within the list."""
+
+    ready: list[tuple[dict[str, Any], EmailRequest]] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    repeats: int = 0
+
+
+def prepare(template: str, recipients: Sequence[Any], bulk_key: str, mailer: Mailer) -> Prepared:
     """Render and check every recipient's message; the ones that can't be built are failures."""
-    ready, failures = [], []
+    out, seen = Prepared(), set()
     for item in recipients:
         if not isinstance(item, Mapping) or "to" not in item:
-            failures.append({"to": repr(item)[:200], "error": "a recipient is {'to': ..., 'context': {...}}"})
+            out.failures.append({"to": repr(item)[:200], "error": RECIPIENT_SHAPE})
             continue
+        key = message_key(bulk_key, item)
+        if key in seen:
+            out.repeats += 1  # the same message twice in one list is sent once
+            continue
+        seen.add(key)
         try:
             request = validate(to=item["to"], template=template, context=item.get("context") or {},
-                               idempotency_key=message_key(bulk_key, item), settings=mailer.settings)
+                               idempotency_key=key, settings=mailer.settings)
         except InvalidEmailError as exc:
-            failures.append({"to": str(item["to"])[:200], "error": str(exc)})
+            out.failures.append({"to": str(item["to"])[:200], "error": str(exc)})
             continue
-        ready.append((dict(item), request))
-    return ready, failures
+        out.ready.append((dict(item), request))
+    return out
 
 
 def send_round(mailer: Mailer, ready: list[tuple[dict[str, Any], EmailRequest]], owner: str,
@@ -165,8 +178,8 @@ def run(mailer: Mailer, template: str, recipients: Any, bulk_key: str | None, bu
         json.dumps([template, recipients], sort_keys=True, default=str).encode()).hexdigest()
     tally = Tally(mailer, bulk_id)
     tally.start(len(recipients))
-    ready, invalid = prepare(template, recipients, key, mailer)
-    tally.add(0, 0, invalid)
+    prepared = prepare(template, recipients, key, mailer)
+    tally.add(0, prepared.repeats, prepared.failures)
     before = tally.read()
 
     def on_chunk(now: Round) -> None:
@@ -174,7 +187,7 @@ def run(mailer: Mailer, template: str, recipients: Any, bulk_key: str | None, bu
                   "duplicates": before["duplicates"] + now.duplicates,
                   "failed": before["failed"] + len(now.failures)})
 
-    done = send_round(mailer, ready, bulk_id, on_chunk)
+    done = send_round(mailer, prepared.ready, bulk_id, on_chunk)
     deferred, failures = done.deferred, done.failures
     if last_round and deferred:
         failures = failures + [{"to": str(d["to"]), "error": d.get("last_error", "rate limited")}

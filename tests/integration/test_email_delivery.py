@@ -193,3 +193,60 @@ def test_a_long_countdown_waits_in_the_delayed_set_not_in_the_broker(start_worke
     assert smtp_server.handler.received[0].received_at >= parked["due"]
     assert delayed.pending() == []
     assert "Released 1 delayed message" in worker.log()
+
+
+def test_send_bulk_chunks_progress_counts_and_no_resend(start_worker, smtp_server):
+    from tasks.email import send_bulk
+
+    handler = smtp_server.handler
+    handler.rcpt_replies["gone@example.com"] = "550 5.1.1 No such user"
+    ctx = {"product": "Proj", "url": "https://example.com"}
+    recipients = [{"to": f"r{i}@example.com", "context": {**ctx, "name": f"R{i}"}} for i in range(40)]
+    recipients += [recipients[3], {"to": "not an address", "context": {**ctx, "name": "X"}},
+                   {"to": "gone@example.com", "context": {**ctx, "name": "Gone"}}]
+    start_worker(EMAIL_QUEUES, env={**smtp_env(smtp_server), "EMAIL_BULK_CHUNK_SIZE": "10",
+                                    "EMAIL_BULK_CONNECTIONS": "2"})
+    # Hold the server after the first chunks so the PROGRESS state is there to be seen.
+    handler.on_stored = lambda item: handler.hold_rcpt.set() if len(handler.received) == 20 else None
+    async_result = send_bulk.delay(template="welcome", recipients=recipients, idempotency_key="news-1")
+    wait_for(lambda: async_result.state == "PROGRESS" and async_result.info["sent"] >= 10,
+             what="PROGRESS with sent/total")
+    assert async_result.info["total"] == 43
+    handler.on_stored = None
+    handler.hold_rcpt.clear()
+
+    result = async_result.get(timeout=60)
+    assert {k: result[k] for k in ("total", "sent", "duplicates", "failed", "deferred")} == {
+        "total": 43, "sent": 40, "duplicates": 1, "failed": 2, "deferred": 0}
+    errors = {f["to"]: f["error"] for f in result["failures"]}
+    assert "not a valid email address" in errors["not an address"]
+    assert "550 5.1.1 No such user" in errors["gone@example.com"]
+    assert sorted(r.rcpt_tos[0] for r in handler.received) == sorted(f"r{i}@example.com" for i in range(40))
+    assert handler.received[0].message["Subject"].startswith("Welcome to Proj, R")
+
+    again = send_bulk.delay(template="welcome", recipients=recipients, idempotency_key="news-1")
+    again = again.get(timeout=60)
+    assert (again["sent"], again["duplicates"]) == (0, 41)
+    assert len(handler.received) == 40
+
+
+def test_proj_send_email_cli(start_worker, smtp_server, worker_env):
+    import json
+    import subprocess
+    import sys
+
+    from tests.harness import ROOT
+
+    start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server))
+    command = [sys.executable, "-m", "proj.cli", "send-email", "--to", "max@example.com",
+               "--subject", "from the CLI", "--text", "hello"]
+    done = subprocess.run(command, cwd=ROOT, env=worker_env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    [received] = smtp_server.handler.received
+    assert received.message["Message-ID"] == printed["message_id"]
+    assert printed["accepted"] == ["max@example.com"]
+
+    bad = subprocess.run([*command[:5], "max@example.com\nBcc: x@example.com", *command[6:]], cwd=ROOT,
+                         env=worker_env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not a valid email address" in bad.stderr
