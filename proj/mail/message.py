@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from email import policy
@@ -105,11 +106,17 @@ def _header_value(name: str, value: object) -> str:
     """A header value without line breaks (the header-injection guard) and within the line limit."""
     if not isinstance(value, str):
         raise InvalidEmailError(f"{name}: expected text, got {type(value).__name__}")
-    if any(ch in value for ch in "\r\n\x00"):
-        raise InvalidEmailError(f"{name}: line breaks are not allowed in a header value")
+    # str.splitlines() is what the email package splits on: \x1c-\x1e, \x85, \u2028 as well as CR/LF.
+    if len(value.splitlines()) > 1 or any(_is_control(ch) for ch in value):
+        raise InvalidEmailError(f"{name}: line breaks and control characters are not allowed in a header")
     if len(value) > MAX_HEADER_LENGTH:
         raise InvalidEmailError(f"{name}: longer than {MAX_HEADER_LENGTH} characters")
     return value
+
+
+def _is_control(ch: str) -> bool:
+    """A control or line/paragraph separator character; a tab is fine in a header."""
+    return ch != "\t" and unicodedata.category(ch) in ("Cc", "Zl", "Zp")
 
 
 def _body(text: str | None, html: str | None) -> str:

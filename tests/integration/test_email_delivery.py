@@ -250,3 +250,35 @@ def test_proj_send_email_cli(start_worker, smtp_server, worker_env):
     bad = subprocess.run([*command[:5], "max@example.com\nBcc: x@example.com", *command[6:]], cwd=ROOT,
                          env=worker_env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "not a valid email address" in bad.stderr
+
+
+def test_property_any_input_through_a_worker_is_sent_or_fails_at_once(start_worker, smtp_server):
+    from email import message_from_bytes, policy
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tasks.email import send_email
+
+    start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server))
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(to=st.one_of(st.emails(), st.text(max_size=30)), subject=st.text(max_size=80),
+           text=st.text(max_size=200))
+    def check(to, subject, text):
+        before = len(smtp_server.handler.received)
+        async_result = send_email.delay(to=to, subject=subject, text=text)
+        try:
+            value = async_result.get(timeout=30)
+        except Exception:
+            assert type(async_result.result).__name__ == "InvalidEmailError"
+            assert async_result.retries == 0  # a clear permanent error, never a retry loop
+            return
+        if value["duplicate"]:
+            return  # hypothesis may repeat an example: the ledger answers it
+        raw = smtp_server.handler.received[before].data
+        parsed = message_from_bytes(raw, policy=policy.default)
+        assert parsed["Message-ID"] == value["message_id"]
+        assert " ".join(parsed["Subject"].split()) == " ".join(subject.split())
+
+    check()

@@ -1,0 +1,85 @@
+"""The Redis-backed pieces of email on the private Redis: ledger, rate limiter, delayed set, mailer."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from proj.delayed import DelayedSet
+from proj.errors import EmailDeliveryError, RateLimitedError
+from proj.ledger import Ledger
+from proj.mail import Mailer, validate
+from proj.ratelimit import DomainRateLimiter, parse_limits
+from proj.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def test_ledger_states(redis_client):
+    ledger = Ledger(redis_client, "test", ttl=60)
+    assert ledger.claim("k", "task-1").status == "new"
+    assert ledger.claim("k", "task-2").status == "busy"  # another task with the same key waits
+    assert ledger.claim("k", "task-1").status == "resume"  # a redelivery of the owner takes over
+    ledger.sending("k", "task-1")
+    assert ledger.claim("k", "task-1").ambiguous  # died inside the window the ledger cannot close
+    ledger.sent("k", "task-1", {"message_id": "<m>"})
+    for owner in ("task-1", "task-2"):
+        claim = ledger.claim("k", owner)
+        assert claim.status == "sent" and claim.record["outcome"] == {"message_id": "<m>"}
+    ledger.release("k", "task-1")  # a finished record is never released
+    assert ledger.get("k")["state"] == "sent"
+    assert 0 < redis_client.ttl("proj:ledger:test:k") <= 60
+    assert ledger.claim("j", "task-3").status == "new"
+    ledger.release("j", "task-4")  # not the owner: no effect
+    assert ledger.claim("j", "task-5").status == "busy"
+    ledger.release("j", "task-3")
+    assert ledger.claim("j", "task-5").status == "new"
+
+
+def test_rate_limiter_is_shared_and_all_or_nothing(redis_client):
+    rates = parse_limits("slow.example=2/s,*=1000/s")
+    one, two = DomainRateLimiter(redis_client, rates), DomainRateLimiter(redis_client, rates)
+    assert one.acquire(["slow.example"]) == 0
+    wait = two.acquire(["slow.example", "other.example"])  # a second worker sees the same bucket
+    assert 0 < wait <= 0.5
+    assert redis_client.get("proj:ratelimit:other.example") is None  # no slot taken on a refusal
+    assert one.acquire(["unlisted.example"]) == 0  # the * limit, per domain
+    assert DomainRateLimiter(redis_client, {}).acquire(["slow.example"]) == 0
+
+
+def test_delayed_set_releases_due_messages_in_order_once(redis_client):
+    delayed = DelayedSet(redis_client)
+    now = time.time()
+    delayed.add("q1", '{"headers": {"id": "a"}}', now - 1)
+    delayed.add("q1", '{"headers": {"id": "b"}}', now + 100)
+    delayed.add("q2", '{"headers": {"id": "c"}}', now - 2)
+    assert delayed.release_due(now) == 2
+    assert delayed.release_due(now) == 0
+    assert [r.decode() for r in redis_client.lrange("q1", 0, -1)] == ['{"headers": {"id": "a"}}']
+    assert redis_client.llen("q2") == 1
+    assert [p["id"] for p in delayed.pending()] == ["b"]
+
+
+def test_mailer_with_nothing_listening_releases_its_claim(redis_client):
+    from tests.harness import free_port
+
+    settings = Settings(smtp_port=free_port(), smtp_timeout=2)
+    mailer = Mailer(settings, redis_client)
+    request = validate(to="a@example.com", subject="s", text="t", idempotency_key="down-1", settings=settings)
+    with pytest.raises(EmailDeliveryError, match="ConnectionRefusedError"):
+        mailer.send(request, owner="t1")
+    assert mailer.ledger.get("down-1") is None  # nothing was handed over: a retry starts clean
+
+
+def test_mailer_over_the_limit_asks_to_come_back(redis_client, smtp_server):
+    settings = Settings(smtp_port=smtp_server.port, email_rate_limits="example.com=1/m")
+    mailer = Mailer(settings, redis_client)
+    first = validate(to="a@example.com", subject="s", text="1", settings=settings)
+    second = validate(to="b@example.com", subject="s", text="2", settings=settings)
+    assert mailer.send(first, owner="t1")["duplicate"] is False
+    with pytest.raises(RateLimitedError) as caught:
+        mailer.send(second, owner="t2")
+    assert 30 < caught.value.retry_after <= 120
+    assert mailer.ledger.get(second.idempotency_key) is None
+    assert len(smtp_server.handler.received) == 1

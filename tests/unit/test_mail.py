@@ -1,0 +1,130 @@
+"""The email services without Celery: validation, templates, MIME, reply classification, limits."""
+
+from __future__ import annotations
+
+import os
+from email import message_from_bytes, policy
+from pathlib import Path
+
+import pytest
+
+from proj.errors import EmailDeliveryError, EmailRejectedError, InvalidEmailError, TransientError
+from proj.mail import build_message, message_id_for, validate
+from proj.mail.transport import classify
+from proj.ratelimit import parse_limits
+from proj.settings import Settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    root = tmp_path / "files"
+    root.mkdir()
+    return Settings(files_root=root, mail_from="Proj <noreply@mail.example.com>",
+                    email_max_attachment_bytes=1000)
+
+
+@pytest.mark.parametrize(("kwargs", "reason"), [
+    ({"to": "a@example.com", "subject": "x\r\nBcc: v@example.com", "text": "t"}, "line breaks"),
+    ({"to": "a@example.com", "subject": "x\nBcc: v@example.com", "text": "t"}, "line breaks"),
+    ({"to": "a@example.com", "subject": "s", "text": "t", "headers": {"X-A": "1\r\nBcc: v@e.com"}},
+     "line breaks"),
+    ({"to": "a@example.com", "subject": "s", "text": "t", "headers": {"Bcc": "v@example.com"}},
+     "may not be set"),
+    ({"to": "a@example.com", "subject": "s", "text": "t", "headers": {"X-A\r\nBcc": "v"}},
+     "not a valid header name"),
+    ({"to": "a@example.com\r\nBcc: v@example.com", "subject": "s", "text": "t"}, "not a valid email"),
+    ({"to": "Ann <a@example.com>", "subject": "s", "text": "t"}, "not a valid email"),
+    ({"to": "a@example.com, b@example.com", "subject": "s", "text": "t"}, "not a valid email"),
+    ({"to": "a@localhost", "subject": "s", "text": "t"}, "not a valid email"),
+    ({"to": [], "subject": "s", "text": "t"}, "at least one recipient"),
+    ({"to": "a@example.com", "subject": "s", "text": "   "}, "needs a body"),
+    ({"to": "a@example.com", "subject": "s"}, "needs a body"),
+    ({"to": "a@example.com", "template": "nope"}, "unknown template"),
+    ({"to": "a@example.com", "template": "../welcome"}, "not a template name"),
+    ({"to": "a@example.com", "template": "welcome", "context": {"name": "x"}}, "is undefined"),
+    ({"to": "a@example.com", "template": "welcome", "subject": "s"}, "not both"),
+    ({"to": "a@example.com", "subject": "s", "text": "t", "idempotency_key": "a\nb"}, "idempotency_key"),
+    ({"to": "a@example.com", "subject": "s" * 999, "text": "t"}, "longer than"),
+])
+def test_bad_input_is_refused_with_a_clear_reason(settings, kwargs, reason):
+    with pytest.raises(InvalidEmailError, match=reason):
+        validate(**kwargs, settings=settings)
+
+
+def test_attachments_must_exist_stay_inside_the_root_and_fit(settings, tmp_path):
+    (settings.files_root / "ok.bin").write_bytes(b"x" * 600)
+    (settings.files_root / "big.bin").write_bytes(b"x" * 600)
+    (tmp_path / "secret.txt").write_text("secret")
+    os.symlink(tmp_path / "secret.txt", settings.files_root / "link.txt")
+    base = {"to": "a@example.com", "subject": "s", "text": "t", "settings": settings}
+    assert validate(**base, attachments=["ok.bin"]).attachments == ("ok.bin",)
+    for keys, reason in [(["missing.bin"], "no file"), (["../secret.txt"], "must be relative"),
+                         (["/etc/passwd"], "must be relative"), (["link.txt"], "outside the storage root"),
+                         (["ok.bin", "big.bin"], "over the limit")]:
+        with pytest.raises(InvalidEmailError, match=reason):
+            validate(**base, attachments=keys)
+
+
+def test_template_renders_text_and_autoescaped_html(settings):
+    request = validate(to="a@example.com", template="welcome", settings=settings,
+                       context={"name": "<script>x</script>", "product": "P&Q", "url": "https://e.com/?a&b"})
+    assert request.subject == "Welcome to P&Q, <script>x</script>"
+    assert "Hello <script>x</script>," in request.text
+    assert request.html is not None and "&lt;script&gt;x&lt;/script&gt;" in request.html
+    assert "<script>" not in request.html
+
+
+def test_addresses_are_normalised_and_deduplicated(settings):
+    request = validate(to=["A@Bücher.de", "A@bücher.de"], cc="b@example.com", bcc=["b@example.com"],
+                       subject="s", text="t", settings=settings)
+    assert request.to == ("A@xn--bcher-kva.de",)
+    assert request.recipients == ["A@xn--bcher-kva.de", "b@example.com"]
+
+
+def test_idempotency_key_and_message_id(settings):
+    first = validate(to="a@example.com", subject="s", text="t", settings=settings)
+    same = validate(to="a@example.com", subject="s", text="t", settings=settings)
+    other = validate(to="a@example.com", subject="s", text="u", settings=settings)
+    assert first.idempotency_key == same.idempotency_key != other.idempotency_key
+    given = validate(to="a@example.com", subject="s", text="t", idempotency_key="order-7", settings=settings)
+    assert given.idempotency_key == "order-7"
+    message_id = message_id_for("order-7", settings)
+    assert message_id == message_id_for("order-7", settings) != message_id_for("order-8", settings)
+    assert message_id.startswith("<") and message_id.endswith("@mail.example.com>")
+
+
+def test_built_message_has_alternative_parts_and_sniffed_attachment(settings):
+    (settings.files_root / "notes.pdf").write_bytes(b"GIF89a" + b"\x00" * 20)  # a GIF named .pdf
+    request = validate(to="a@example.com", bcc="hidden@example.com", subject="Grüße", text="plain",
+                       html="<p>rich</p>", attachments=["notes.pdf"], settings=settings)
+    raw = build_message(request, "<id-1@mail.example.com>", settings).as_bytes()
+    msg = message_from_bytes(raw.replace(b"\r\n", b"\n"), policy=policy.default)
+    assert msg["Subject"] == "Grüße" and msg["Message-ID"] == "<id-1@mail.example.com>"
+    assert msg["From"] == "Proj <noreply@mail.example.com>" and msg["Bcc"] is None
+    assert msg.get_body(("plain",)).get_content() == "plain\n"
+    assert msg.get_body(("html",)).get_content() == "<p>rich</p>\n"
+    [attachment] = list(msg.iter_attachments())
+    assert attachment.get_content_type() == "image/gif"
+
+
+@pytest.mark.parametrize(("code", "kind"), [
+    (421, EmailDeliveryError), (450, EmailDeliveryError), (451, EmailDeliveryError),
+    (452, EmailDeliveryError), (550, EmailRejectedError), (552, EmailRejectedError),
+    (554, EmailRejectedError),
+])
+def test_smtp_replies_are_classified(code, kind):
+    error = classify(code, b"4.0.0 some text", "DATA")
+    assert isinstance(error, kind)
+    assert isinstance(error, TransientError) == (code < 500)
+    assert f"{code} 4.0.0 some text" in str(error)
+
+
+def test_rate_limit_spec():
+    rates = parse_limits("gmail.com=20/s, *=200/m ,yahoo.com=3600/h")
+    assert rates["gmail.com"].interval_ms == 50 and rates["gmail.com"].burst == 2
+    assert rates["*"].interval_ms == 300 and rates["*"].burst == 1
+    assert rates["yahoo.com"].interval_ms == 1000
+    assert parse_limits("") == {}
+    for bad in ("gmail.com", "gmail.com=20", "gmail.com=0/s", "gmail.com=20/d"):
+        with pytest.raises(Exception, match="EMAIL_RATE_LIMITS"):
+            parse_limits(bad)
