@@ -6,9 +6,12 @@ from celery import Celery
 
 import proj.signals  # noqa: F401  (connects the dead-letter and publish-time handlers)
 from proj.celery_delayed import DelayedRelease
+from proj.worker_events import BatchedTaskEvents
 
 app = Celery("proj", include=["tasks.health", "tasks.email", "tasks.files"])
 # A module name rather than an object, so prefork children import it instead of unpickling it.
 app.config_from_object("celeryconfig")
 # Every worker moves due delayed messages (long retry delays) from Redis onto their queues.
 app.steps["worker"].add(DelayedRelease)
+# Task events leave in one PUBLISH per batch, not one per task (docs/benchmarks.md).
+app.steps["consumer"].add(BatchedTaskEvents)

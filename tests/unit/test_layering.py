@@ -10,7 +10,7 @@ import proj
 from tests.harness import ROOT
 
 # Celery glue by design: the app, its signal handlers and worker hooks, and CLI commands that enqueue.
-GLUE = {"proj.celery", "proj.signals", "proj.cli"}
+GLUE = {"proj.celery", "proj.signals", "proj.cli", "proj.bulk", "proj.broker", "proj.worker_events"}
 
 
 def _service_modules() -> list[str]:

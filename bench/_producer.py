@@ -1,0 +1,70 @@
+"""One producer process: `python -m bench._producer {delay|bulk|roundtrip} {proj|stock} N`, JSON out.
+
+Each measurement runs in a fresh process so that result subscriptions and connection pools left
+behind by one scenario cannot slow down the next.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from bench.common import percentile
+
+
+def _task(app_name: str, kind: str) -> Any:
+    """The benchmark task of `app_name`: fire-and-forget `noop` or waited-for `echo`."""
+    if app_name == "stock":
+        from bench import _stock
+
+        return _stock.noop
+    from bench import _projtasks
+
+    return _projtasks.echo if kind == "echo" else _projtasks.noop
+
+
+def delay(app_name: str, n: int) -> dict[str, float]:
+    """`.delay()` in a loop."""
+    task = _task(app_name, "noop")
+    task.delay()  # connect and declare outside the clock
+    started = time.perf_counter()
+    for _ in range(n):
+        task.delay()
+    return {"per_second": n / (time.perf_counter() - started)}
+
+
+def bulk(app_name: str, n: int) -> dict[str, float]:
+    """proj.bulk.enqueue_many over n signatures (signatures built inside the clock)."""
+    from proj.bulk import enqueue_many
+
+    task = _task(app_name, "noop")
+    enqueue_many([task.s()])
+    started = time.perf_counter()
+    enqueue_many(task.s() for _ in range(n))
+    return {"per_second": n / (time.perf_counter() - started)}
+
+
+def roundtrip(app_name: str, n: int) -> dict[str, float]:
+    """`.delay().get()` one at a time; latencies in microseconds."""
+    task = _task(app_name, "echo")
+    for _ in range(20):  # warm up connections, subscriptions and the worker
+        task.delay().get(timeout=30)
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        task.delay().get(timeout=30)
+        samples.append((time.perf_counter() - started) * 1e6)
+    return {"p50": percentile(samples, 50), "p99": percentile(samples, 99)}
+
+
+def main() -> None:
+    """Run one mode and print its figures as JSON."""
+    mode, app_name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    figures = {"delay": delay, "bulk": bulk, "roundtrip": roundtrip}[mode](app_name, n)
+    sys.stdout.write(json.dumps(figures) + "\n")
+
+
+if __name__ == "__main__":
+    main()
