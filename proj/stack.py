@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"proj up: another `proj up` is using {local_dir}; stop it first", file=sys.stderr)
         return 1
     try:
+        if not args.procfile.is_file():
+            raise StackError(f"no Procfile at {args.procfile}; pass --procfile PATH")
         stack = plan(settings, local_dir)
         for folder in (local_dir / "redis", local_dir / "mail", stack.files_root):
             folder.mkdir(parents=True, exist_ok=True)
