@@ -45,6 +45,9 @@ def test_stack_env_says_where_everything_is(local_stack: LocalStack) -> None:
     for path in (local_stack.env_file, local_stack.local_dir / "flower-credentials.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert exports["FLOWER_PASSWORD"] in local_stack.log(), "the generated password is printed"
+    # ...but never on a command line, where `ps` would show it to every user of the machine.
+    for process in local_stack.tree():
+        assert exports["FLOWER_PASSWORD"] not in " ".join(process.cmdline()), process
 
 
 def test_inspect_ping_answers_from_both_workers(local_stack: LocalStack) -> None:
