@@ -209,6 +209,8 @@ def build_message(request: EmailRequest, message_id: str, settings: Settings) ->
 
 def _attach(msg: EmailMessage, keys: Iterable[str], settings: Settings) -> None:
     """Add each attachment with the type sniffed from its content, never trusted from its name."""
+    if not keys:
+        return
     storage = Storage(settings.files_root)
     for key in keys:
         try:

@@ -8,6 +8,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 from proj.errors import ConfigurationError, EmailDeliveryError, EmailRejectedError, ProjError
 from proj.settings import Settings
@@ -42,7 +43,7 @@ def open_connection(settings: Settings) -> smtplib.SMTP:
         EmailDeliveryError: refused, reset, timed out or a failed TLS handshake (worth retrying).
         EmailRejectedError / ConfigurationError: bad credentials, or the server lacks what we need.
     """
-    context = ssl.create_default_context(cafile=settings.smtp_ca_file or None)
+    context = _tls_context(settings.smtp_ca_file) if settings.smtp_security != "none" else None
     conn: smtplib.SMTP | None = None
     try:
         if settings.smtp_security == "tls":
@@ -58,7 +59,13 @@ def open_connection(settings: Settings) -> smtplib.SMTP:
         raise _translate(exc, "connect") from exc
 
 
-def _secure_and_login(conn: smtplib.SMTP, settings: Settings, context: ssl.SSLContext) -> None:
+@lru_cache(maxsize=4)
+def _tls_context(ca_file: str) -> ssl.SSLContext:
+    """One verifying TLS context per CA file: loading the CA bundle costs milliseconds."""
+    return ssl.create_default_context(cafile=ca_file or None)
+
+
+def _secure_and_login(conn: smtplib.SMTP, settings: Settings, context: ssl.SSLContext | None) -> None:
     """STARTTLS when asked for, then AUTH when a username is set."""
     conn.ehlo()
     if settings.smtp_security == "starttls":

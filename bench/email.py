@@ -1,0 +1,174 @@
+"""Email throughput: a naive Celery setup against proj's email worker, to an SMTP server that answers slowly.
+
+The SMTP server (`python -m proj.devsmtp --delay 0.02`, its own process) waits 20 ms before every
+RCPT and DATA reply, as a real MTA doing DNS and spam checks would. Tasks are enqueued first and the
+worker started afterwards; the rate is measured between the first and the last stored message.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import common
+
+MESSAGES = 2000
+QUICK_MESSAGES = 200
+DELAY = 0.02
+# Replies the server delays per message on a reused connection: RCPT and DATA.
+DELAYED_REPLIES = 2
+EMAIL_THREADS = 32  # the email worker of the local stack (Procfile)
+BULK_CONNECTIONS = 32
+LOGS = Path(tempfile.gettempdir()) / "proj-bench-email"
+
+NOTES = f"""\
+- SMTP server: `python -m proj.devsmtp --delay {DELAY}` in its own process, storing every message
+  as a file; it waits {DELAY * 1000:.0f} ms before each RCPT and DATA reply, so one connection can
+  carry at most 1 / ({DELAYED_REPLIES} x {DELAY}) = {1 / (DELAYED_REPLIES * DELAY):.0f} messages/s.
+  The bound of a setup is that times its parallel connections (processes, threads or bulk chunks).
+- Naive: `bench/_naive_email.py`, a stock `Celery()` app whose task opens one SMTP connection per
+  message, run by `celery -A bench._naive_email worker` with every default (prefork, one process
+  per core).
+- proj: `celery -A proj worker -Q email,email_bulk -P threads -c {EMAIL_THREADS}` (the local
+  stack's email worker); `send_email` reuses one connection per thread and records each message
+  in the idempotency ledger before and after the SMTP transaction (three Redis round trips);
+  `send_bulk` sends one task of all messages in chunks of 50, {BULK_CONNECTIONS} chunks at a time
+  (`EMAIL_BULK_CONNECTIONS={BULK_CONNECTIONS}`), one connection per chunk.
+- Peak RSS: the worker's whole process tree, sampled every 0.1 s during the run.
+"""
+
+
+@dataclass
+class Setup:
+    """One way of sending the messages: how to start the worker, how to enqueue, how parallel it is."""
+
+    label: str
+    worker: list[str]
+    enqueue: Callable[[int], None]
+    connections: int
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _naive_enqueue(n: int) -> None:
+    from bench._naive_email import app
+
+    with app.producer_or_acquire() as producer:
+        for i in range(n):
+            app.send_task("bench._naive_email.send_email", kwargs={
+                "to": f"user{i}@example.com", "subject": f"Message {i}", "text": "Hello"}, producer=producer)
+
+
+def _proj_enqueue(n: int) -> None:
+    from proj.celery import app
+
+    with app.producer_or_acquire() as producer:
+        for i in range(n):
+            app.send_task("tasks.email.send_email", kwargs={
+                "to": f"user{i}@example.com", "subject": f"Message {i}", "text": "Hello"}, producer=producer)
+
+
+def _bulk_enqueue(n: int) -> None:
+    from proj.celery import app
+
+    context = {"product": "Proj", "url": "https://example.com"}
+    recipients = [{"to": f"user{i}@example.com", "context": {**context, "name": f"U{i}"}} for i in range(n)]
+    app.send_task("tasks.email.send_bulk", kwargs={"template": "welcome", "recipients": recipients})
+
+
+def setups() -> list[Setup]:
+    """The naive baseline first: ratios are against it."""
+    proj = ["-Q", "email,email_bulk", "-P", "threads", "-c", str(EMAIL_THREADS), "-n", "email@%h",
+            "--without-mingle", "--without-gossip", "-l", "WARNING"]
+    return [
+        Setup("naive: stock prefork, connection per message", ["-l", "WARNING"], _naive_enqueue,
+              os.cpu_count() or 1),
+        Setup("proj email worker: send_email", proj, _proj_enqueue, EMAIL_THREADS),
+        Setup("proj email worker: send_bulk", proj, _bulk_enqueue, BULK_CONNECTIONS,
+              {"EMAIL_BULK_CONNECTIONS": str(BULK_CONNECTIONS)}),
+    ]
+
+
+def _start_smtp(mail_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The slow SMTP server in its own process, ready to accept connections."""
+    port = common.free_port()
+    cmd = [sys.executable, "-m", "proj.devsmtp", "--port", str(port), "--delay", str(DELAY),
+           "--mail-dir", str(mail_dir)]
+    proc = common.spawn(cmd, dict(os.environ), LOGS / "smtp.log")
+
+    def accepting() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    common.wait_for(accepting, timeout=20, what="the SMTP server")
+    return proc, port
+
+
+def _measure(setup: Setup, redis_url: str, n: int) -> dict[str, float]:
+    """Enqueue n messages, start the worker, wait for n stored messages: rate and peak RSS."""
+    mail_dir = Path(tempfile.mkdtemp(prefix="bench-mail-"))
+    smtp, port = _start_smtp(mail_dir)
+    app = "bench._naive_email" if setup.label.startswith("naive") else "proj"
+    env = common.child_env(redis_url, SMTP_HOST="127.0.0.1", SMTP_PORT=str(port), **setup.env)
+    worker = None
+    try:
+        setup.enqueue(n)
+        worker = common.spawn(common.celery_worker(app, *setup.worker), env, LOGS / "worker.log")
+        peak = _wait_for_messages(mail_dir, n, worker.pid)
+        stamps = sorted(e.stat().st_mtime for e in os.scandir(mail_dir) if e.name.endswith(".eml"))
+        return {"rate": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "rss": peak}
+    finally:
+        common.stop([p for p in (worker, smtp) if p is not None])
+        shutil.rmtree(mail_dir, ignore_errors=True)
+
+
+def _wait_for_messages(mail_dir: Path, n: int, pid: int, timeout: float = 600) -> float:
+    """Poll until n messages are stored; return the worker tree's peak RSS in MiB meanwhile."""
+    deadline, peak = time.monotonic() + timeout, 0.0
+    while sum(1 for e in os.scandir(mail_dir) if e.name.endswith(".eml")) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only part of {n} messages arrived in {timeout}s; see {LOGS}")
+        peak = max(peak, common.tree_rss([pid])["total"])
+        time.sleep(0.1)
+    return peak
+
+
+def run(redis_url: str, quick: bool = False) -> list[common.Row]:
+    """Every setup on the same Redis and the same slow SMTP server; ratios against the naive one."""
+    n = QUICK_MESSAGES if quick else MESSAGES
+    per_connection = 1 / (DELAYED_REPLIES * DELAY)
+    rows: list[common.Row] = []
+    baseline = 0.0
+    for setup in setups():
+        common.flush(redis_url)
+        measured = _measure(setup, redis_url, n)
+        bound = setup.connections * per_connection
+        rows += [
+            common.row(setup.label, "messages per second", measured["rate"], "msg/s"),
+            common.row(setup.label, f"bound: {setup.connections} connections x {per_connection:.0f}/s",
+                       bound, "msg/s"),
+            common.row(setup.label, "fraction of the bound", 100 * measured["rate"] / bound, "%"),
+            common.row(setup.label, "worker peak RSS", measured["rss"], "MiB"),
+        ]
+        if baseline:
+            rows.append(common.ratio(setup.label, "speed-up over naive", measured["rate"], baseline))
+        else:
+            baseline = measured["rate"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """`python -m bench.email [--quick]`."""
+    common.standalone("email", run)
+
+
+if __name__ == "__main__":
+    main()
