@@ -23,6 +23,10 @@ EMBEDDED_REDIS_PORT_TRIES = 50
 DEFAULT_FLOWER_USER = "admin"
 
 
+class StackError(Exception):
+    """Raised when the stack cannot start; the message says what to change."""
+
+
 @dataclass(frozen=True)
 class Stack:
     """Where every part of one local stack lives."""
@@ -86,8 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Start the stack and keep it running until SIGINT or SIGTERM."""
-    from proj.stack_run import StackError, run_stack
-
     settings = Settings.from_env()
     local_dir = settings.local_dir.resolve()
     local_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"proj up: another `proj up` is using {local_dir}; stop it first", file=sys.stderr)
         return 1
     try:
+        from proj.stack_run import run_stack
+
         if not args.procfile.is_file():
             raise StackError(f"no Procfile at {args.procfile}; pass --procfile PATH")
         stack = plan(settings, local_dir)
@@ -106,14 +110,14 @@ def run(args: argparse.Namespace) -> int:
     except StackError as exc:
         print(f"proj up: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before anything started
+        return 130
     finally:
         os.close(lock)
 
 
 def plan(settings: Settings, local_dir: Path) -> Stack:
     """Decide ports, Redis and credentials; fail early with a clear message on a busy port."""
-    from proj.stack_run import StackError
-
     for port, variable in ((settings.flower_port, "FLOWER_PORT"), (settings.smtp_port, "SMTP_PORT")):
         if not port_free(port):
             raise StackError(f"127.0.0.1:{port} is in use; set {variable} to another port")
@@ -128,8 +132,6 @@ def plan(settings: Settings, local_dir: Path) -> Stack:
 
 
 def _redis_port(settings: Settings) -> int:
-    from proj.stack_run import StackError
-
     if settings.redis_port:
         if not port_free(settings.redis_port):
             raise StackError(f"127.0.0.1:{settings.redis_port} is in use; set REDIS_PORT to another port")

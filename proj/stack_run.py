@@ -18,7 +18,7 @@ import honcho.manager
 from honcho.environ import parse_procfile
 from honcho.manager import Manager
 
-from proj.stack import Stack, write_env_file
+from proj.stack import Stack, StackError, write_env_file
 
 # Started before the Celery processes and stopped after them: a worker finishing its tasks on
 # Ctrl-C still needs Redis to ack them and SMTP to send the mail they are about.
@@ -29,10 +29,6 @@ WORKERS = ("email", "files")
 SHUTDOWN_GRACE = 330
 READY_TIMEOUT = 60.0
 BACKING_TIMEOUT = 20.0
-
-
-class StackError(Exception):
-    """Raised when the stack cannot start; the message says what to change."""
 
 
 class _MainProcessSignals:
@@ -80,6 +76,18 @@ class _StackManager(Manager):  # type: ignore[misc]
         self.returncode = 128 + signum
         self.terminate()
 
+    def _killall(self, force: bool = False) -> None:
+        if self._all_started():
+            super()._killall(force)
+            return
+        # A signal came before every process reported its PID: signal them as soon as they have.
+        threading.Thread(target=self._killall_when_started, args=(force,), daemon=True).start()
+
+    def _killall_when_started(self, force: bool) -> None:
+        while not self._all_started():
+            time.sleep(0.01)
+        super()._killall(force)
+
     def process_groups(self) -> list[int]:
         """The process group of every process honcho started (each leads its own session)."""
         return [p["pid"] for p in self._processes.values() if p.get("pid")]
@@ -88,7 +96,7 @@ class _StackManager(Manager):  # type: ignore[misc]
 def run_stack(stack: Stack, procfile: Path) -> int:
     """Run the stack in the foreground; return the exit code once every process has stopped."""
     commands = parse_procfile(procfile.read_text()).processes
-    missing = {"smtp", "email", "files"} - set(commands)
+    missing = {"smtp", "email", "files", *(["redis"] if stack.redis_server else [])} - set(commands)
     if missing:
         raise StackError(f"{procfile} has no {', '.join(sorted(missing))} process")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -168,14 +176,21 @@ def _start_backing(stack: Stack, name: str, command: str,
     with log.open("ab") as out:
         proc = subprocess.Popen(["/bin/sh", "-c", command], env=stack.process_env(name),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_backing(proc, name, log, ready)
+    except BaseException:  # Ctrl-C while waiting included: it is not in the caller's list yet
+        _stop(proc)
+        raise
+    return proc
+
+
+def _wait_backing(proc: subprocess.Popen[bytes], name: str, log: Path, ready: Callable[[], bool]) -> None:
     deadline = time.monotonic() + BACKING_TIMEOUT
     while not ready():
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
             tail = log.read_text(errors="replace")[-2000:]
             raise StackError(f"{name} did not start (log {log}):\n{tail}")
         time.sleep(0.05)
-    return proc
 
 
 def _redis_ready(stack: Stack) -> Callable[[], bool]:
