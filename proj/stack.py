@@ -79,7 +79,10 @@ class Stack:
         if name == "flower":
             # Through the environment, not argv, so `ps` does not show the password.
             extra["FLOWER_BASIC_AUTH"] = f"{self.flower_user}:{self.flower_password}"
-        return environ_with({**self.exports(), **extra})
+        env = environ_with({**self.exports(), **extra})
+        for secret in ("FLOWER_USER", "FLOWER_PASSWORD"):  # for the user's shell, not the processes
+            env.pop(secret, None)
+        return env
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

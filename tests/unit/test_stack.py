@@ -31,7 +31,8 @@ def test_flower_credentials_from_the_environment_win(tmp_path: Path) -> None:
     stack = plan(_settings(tmp_path, FLOWER_USER="ops", FLOWER_PASSWORD="from-env"), tmp_path)
     assert (stack.flower_user, stack.flower_password) == ("ops", "from-env")
     assert stack.process_env("flower")["FLOWER_BASIC_AUTH"] == "ops:from-env"
-    assert "FLOWER_BASIC_AUTH" not in stack.process_env("email"), "only Flower gets the password"
+    for name in ("email", "files", "beat", "smtp", "redis"):
+        assert "from-env" not in stack.process_env(name).values(), f"{name} has no use for the password"
 
 
 def test_embedded_redis_skips_busy_ports(tmp_path: Path) -> None:
