@@ -43,8 +43,10 @@ def _progress(task: Task[Any, Any]) -> ProgressCallback:
         if task.request.called_directly or (done < total and now - last[0] < PROGRESS_INTERVAL):
             return
         last[0] = now
-        meta = {"done": done, "total": total, "step": task.name.rsplit(".", 1)[-1]}
+        meta: dict[str, Any] = {"done": done, "total": total, "step": task.name.rsplit(".", 1)[-1]}
         task.update_state(state="PROGRESS", meta=meta)
+        # Flower follows events, not the result backend: a custom event shows the task as PROGRESS.
+        task.send_event("task-progress", **meta)
         root = task.request.root_id
         if root and root != task.request.id:
             # The CLI follows one id, the pipeline's; mirror the step's progress there.

@@ -97,6 +97,7 @@ def _extract(handle: IO[bytes], label: str, dest: Path, budget: _Budget, depth: 
 
 def _extract_zip(handle: IO[bytes], dest: Path, budget: _Budget, depth: int) -> None:
     """Stream each zip member out through the budget; CRCs are checked by zipfile as it reads."""
+    _check_zip_directory(handle, budget.limits.max_members)
     with zipfile.ZipFile(handle) as archive:
         for info in archive.infolist():
             target = _claim(info.filename, dest, budget)
@@ -108,6 +109,14 @@ def _extract_zip(handle: IO[bytes], dest: Path, budget: _Budget, depth: int) -> 
             else:
                 with archive.open(info) as source:
                     _write_member(source, target, budget, depth)
+
+
+def _check_zip_directory(handle: IO[bytes], max_members: int) -> None:
+    """Refuse a zip whose central directory announces too many entries, before it is parsed into memory."""
+    end = zipfile._EndRecData(handle)  # type: ignore[attr-defined]  # stable since Python 2
+    if end and end[zipfile._ECD_ENTRIES_TOTAL] > max_members:  # type: ignore[attr-defined]
+        raise InvalidFileError(f"archive has more than {max_members} members (central directory)")
+    handle.seek(0)
 
 
 def _extract_tar(handle: IO[bytes], dest: Path, budget: _Budget, depth: int) -> None:

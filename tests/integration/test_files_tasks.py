@@ -7,6 +7,7 @@ import hashlib
 import os
 import signal
 import tarfile
+import threading
 import zipfile
 
 import psutil
@@ -173,3 +174,38 @@ def test_soft_time_limit_removes_temporary_files_before_failing(start_worker, ce
     assert not (files_root / "derived").exists()
     letters = wait_for(lambda: DeadLetterStore(redis_client).list(), what="the dead letter")
     assert [(d.task_name, d.exc_type) for d in letters] == [("tasks.files.compress", "SoftTimeLimitExceeded")]
+
+
+def test_progress_is_visible_to_event_monitors_like_flower(start_worker, celery_app, files_root):
+    """Flower builds its task table from events; the custom task-progress event shows PROGRESS there."""
+    from celery.events.state import State
+
+    start_worker("files", pool="prefork", concurrency=1)
+    with (files_root / "big.bin").open("wb") as handle:
+        handle.truncate(256 << 20)
+    state, seen = State(), []
+
+    def on_event(event):
+        state.event(event)
+        if event["type"] == "task-progress":
+            seen.append((event["uuid"], state.tasks[event["uuid"]].state, event["done"], event["total"]))
+
+    with celery_app.connection_for_read() as connection:
+        receiver = celery_app.events.Receiver(connection, handlers={"*": on_event})
+        thread = threading.Thread(target=receiver.capture, kwargs={"limit": None, "timeout": None},
+                                  daemon=True)
+        thread.start()
+        with celery_app.events.default_dispatcher() as probe:
+
+            def listening():
+                probe.send("task-progress", uuid="probe", done=0, total=0)
+                return seen
+
+            wait_for(listening, timeout=20, interval=0.2, what="the event receiver to listen")
+        result = celery_app.send_task("tasks.files.inspect_file", args=["big.bin"])
+        assert result.get(timeout=60)["size"] == 256 << 20
+        final = (result.id, "PROGRESS", 256 << 20, 256 << 20)
+        wait_for(lambda: final in seen, timeout=20, what="the final progress event")
+        receiver.should_stop = True
+        thread.join(10)
+    assert state.tasks[result.id].state in ("PROGRESS", "SUCCESS")
