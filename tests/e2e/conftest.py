@@ -9,9 +9,12 @@ import pytest
 from tests.e2e.localstack import LocalStack, stack_environ
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    """`proj up` with the embedded Redis (REDIS_URL unset), free ports and a temporary .local/."""
+    """`proj up` with the embedded Redis (REDIS_URL unset), free ports and a temporary .local/.
+
+    Package scope: stopped after the last end-to-end test, so it does not idle through the rest.
+    """
     local_dir = tmp_path_factory.mktemp("stack") / "local"
     stack = LocalStack(local_dir, stack_environ(local_dir)).start()
     yield stack
