@@ -87,8 +87,12 @@ class Stack:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `proj up`."""
-    parser.add_argument("--procfile", type=Path, default=ROOT / "Procfile",
-                        help="the Procfile to run (default: the one at the top of the project)")
+    parser.add_argument(
+        "--procfile",
+        type=Path,
+        default=ROOT / "Procfile",
+        help="the Procfile to run (default: the one at the top of the project)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,8 +134,17 @@ def plan(settings: Settings, local_dir: Path) -> Stack:
         redis_server, redis_port = redis_binary(), _redis_port(settings)
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
     files_root = settings.files_root if settings.files_root.is_absolute() else settings.files_root.resolve()
-    return Stack(local_dir, redis_url, redis_server, redis_port, settings.flower_port, user, password,
-                 settings.smtp_port, files_root)
+    return Stack(
+        local_dir,
+        redis_url,
+        redis_server,
+        redis_port,
+        settings.flower_port,
+        user,
+        password,
+        settings.smtp_port,
+        files_root,
+    )
 
 
 def _redis_port(settings: Settings) -> int:
@@ -195,17 +208,22 @@ def write_env_file(stack: Stack) -> None:
 
 def banner(stack: Stack) -> str:
     """What `proj up` prints first: where everything is."""
-    redis = (f"{stack.redis_url}  (embedded {stack.redis_server}, data in {stack.local_dir / 'redis'})"
-             if stack.redis_server else f"{stack.redis_url}  (from REDIS_URL/CELERY_BROKER_URL)")
-    return "\n".join([
-        "proj up: the local stack",
-        f"  Redis    {redis}",
-        f"  Flower   {stack.flower_url}  user {stack.flower_user}  password {stack.flower_password}",
-        f"  SMTP     127.0.0.1:{stack.smtp_port}  (every message saved under {stack.local_dir / 'mail'})",
-        f"  files    {stack.files_root}",
-        f"  env      {stack.env_file}  (written when the stack is ready; `source` it elsewhere)",
-        "  Ctrl-C stops everything; workers finish their running tasks first.",
-    ])
+    redis = (
+        f"{stack.redis_url}  (embedded {stack.redis_server}, data in {stack.local_dir / 'redis'})"
+        if stack.redis_server
+        else f"{stack.redis_url}  (from REDIS_URL/CELERY_BROKER_URL)"
+    )
+    return "\n".join(
+        [
+            "proj up: the local stack",
+            f"  Redis    {redis}",
+            f"  Flower   {stack.flower_url}  user {stack.flower_user}  password {stack.flower_password}",
+            f"  SMTP     127.0.0.1:{stack.smtp_port}  (every message saved under {stack.local_dir / 'mail'})",
+            f"  files    {stack.files_root}",
+            f"  env      {stack.env_file}  (written when the stack is ready; `source` it elsewhere)",
+            "  Ctrl-C stops everything; workers finish their running tasks first.",
+        ]
+    )
 
 
 def _lock(local_dir: Path) -> int | None:

@@ -169,13 +169,19 @@ def _wait_ready(stack: Stack, stopping: threading.Event) -> list[str]:
     return sorted(missing) + ([] if flower else ["flower"])
 
 
-def _start_backing(stack: Stack, name: str, command: str,
-                   ready: Callable[[], bool]) -> subprocess.Popen[bytes]:
+def _start_backing(
+    stack: Stack, name: str, command: str, ready: Callable[[], bool]
+) -> subprocess.Popen[bytes]:
     """Start Redis or SMTP in its own session (Ctrl-C must not reach it) and wait until it answers."""
     log = stack.local_dir / f"{name}.log"
     with log.open("ab") as out:
-        proc = subprocess.Popen(["/bin/sh", "-c", command], env=stack.process_env(name),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", command],
+            env=stack.process_env(name),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         _wait_backing(proc, name, log, ready)
     except BaseException:  # Ctrl-C while waiting included: it is not in the caller's list yet

@@ -17,15 +17,27 @@ from tests.harness import ROOT, free_port, wait_for
 
 VENV_BIN = Path(sys.executable).parent
 # Variables of the test session that must not leak into the stack: it decides its Redis itself.
-_UNSET = ("REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "FLOWER_USER", "FLOWER_PASSWORD",
-          "FILES_ROOT", "SMTP_HOST")
+_UNSET = (
+    "REDIS_URL",
+    "CELERY_BROKER_URL",
+    "CELERY_RESULT_BACKEND",
+    "FLOWER_USER",
+    "FLOWER_PASSWORD",
+    "FILES_ROOT",
+    "SMTP_HOST",
+)
 
 
 def stack_environ(local_dir: Path, **overrides: str) -> dict[str, str]:
     """The environment of a `proj up` on free ports with its .local/ in `local_dir`."""
     env = {k: v for k, v in os.environ.items() if k not in _UNSET}
-    env.update(PROJ_LOCAL_DIR=str(local_dir), FLOWER_PORT=str(free_port()), SMTP_PORT=str(free_port()),
-               REDIS_PORT=str(free_port()), PYTHONUNBUFFERED="1")
+    env.update(
+        PROJ_LOCAL_DIR=str(local_dir),
+        FLOWER_PORT=str(free_port()),
+        SMTP_PORT=str(free_port()),
+        REDIS_PORT=str(free_port()),
+        PYTHONUNBUFFERED="1",
+    )
     env.update(overrides)
     return env
 
@@ -46,9 +58,14 @@ class LocalStack:
     def start(self, timeout: float = 90) -> LocalStack:
         """Run `proj up` (the console script a user runs) and wait until it writes stack.env."""
         # Its own process group, as a shell gives a foreground job: Ctrl-C is a SIGINT to that group.
-        self.proc = subprocess.Popen([str(VENV_BIN / "proj"), "up"], cwd=ROOT, env=self.env,
-                                     stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "proj"), "up"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         wait_for(self._ready, timeout=timeout, interval=0.1, what="proj up to write stack.env")
         return self
 
@@ -63,20 +80,30 @@ class LocalStack:
 
     def exports(self) -> dict[str, str]:
         """What `source stack.env` sets, read by bash itself from an empty environment."""
-        out = subprocess.run(["env", "-i", "bash", "-c", 'source "$1" && env -0', "_", str(self.env_file)],
-                             capture_output=True, check=True).stdout.decode()
+        out = subprocess.run(
+            ["env", "-i", "bash", "-c", 'source "$1" && env -0', "_", str(self.env_file)],
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
         pairs = (item.split("=", 1) for item in out.split("\0") if "=" in item)
         return {k: v for k, v in pairs if k not in ("PWD", "SHLVL", "_")}
 
     def sourced(self, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run `command` in a bash that sourced stack.env, as another shell of the user would."""
-        return subprocess.run(self._sourced_argv(command), cwd=ROOT, env=self._shell_env(),
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            self._sourced_argv(command),
+            cwd=ROOT,
+            env=self._shell_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def sourced_popen(self, command: str) -> subprocess.Popen[str]:
         """Start `command` in such a shell, its output readable line by line."""
-        return subprocess.Popen(self._sourced_argv(command), cwd=ROOT, env=self._shell_env(),
-                                stdout=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            self._sourced_argv(command), cwd=ROOT, env=self._shell_env(), stdout=subprocess.PIPE, text=True
+        )
 
     def _sourced_argv(self, command: str) -> list[str]:
         return ["bash", "-c", f'source "$1" && {command}', "_", str(self.env_file)]
@@ -118,4 +145,3 @@ def running(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-

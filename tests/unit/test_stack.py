@@ -63,7 +63,11 @@ def test_busy_flower_port_is_a_clear_error(tmp_path: Path) -> None:
 def test_stack_env_survives_bash_quoting(tmp_path: Path) -> None:
     stack = plan(_settings(tmp_path, FLOWER_PASSWORD="it's $HOME; `no`"), tmp_path)
     write_env_file(stack)
-    out = subprocess.run(["env", "-i", "bash", "-c", 'source "$1" && printf %s "$FLOWER_PASSWORD"', "_",
-                          str(stack.env_file)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["env", "-i", "bash", "-c", 'source "$1" && printf %s "$FLOWER_PASSWORD"', "_", str(stack.env_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out == "it's $HOME; `no`"
     assert stat.S_IMODE(stack.env_file.stat().st_mode) == 0o600
