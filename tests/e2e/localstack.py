@@ -124,12 +124,15 @@ class LocalStack:
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGINT)
 
-    def stop(self, timeout: float = 60) -> list[psutil.Process]:
-        """Ctrl-C, wait, and return what is still running; anything left is SIGKILLed by PID after."""
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> list[psutil.Process]:
+        """Ctrl-C (or `kill -TERM PID`), wait, and return what still runs; that is then SIGKILLed by PID."""
         if self.proc is None or self.proc.poll() is not None:
             return []
         tree = self.tree()
-        self.interrupt()
+        if sig == signal.SIGINT:
+            self.interrupt()
+        else:
+            os.kill(self.proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout)
         _, alive = psutil.wait_procs(tree, timeout=10)

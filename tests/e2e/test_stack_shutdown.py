@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import psutil
@@ -61,6 +62,6 @@ def test_redis_url_given_uses_that_redis_and_starts_none(tmp_path: Path, redis_s
             "default": "SUCCESS",
         }
     finally:
-        left = stack.stop()
+        left = stack.stop(signal.SIGTERM)  # as a service manager stops it: SIGTERM to its PID only
     assert not left
     wait_for(lambda: redis_server.client().ping(), what="the given Redis, still running")
