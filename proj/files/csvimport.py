@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -120,6 +121,9 @@ def _decoded_lines(raw: IO[bytes], limit: int) -> Iterator[str]:
         number += 1
         if len(line) > limit and not line.endswith(b"\n"):
             raise InvalidFileError(f"CSV line {number} is longer than {limit} bytes (huge field)")
+        if number == 1 and line.startswith(codecs.BOM_UTF8):
+            line = line[len(codecs.BOM_UTF8):]  # spreadsheets write one; it is not part of the header
+            offset += len(codecs.BOM_UTF8)
         try:
             yield line.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from collections.abc import Sequence
@@ -77,8 +78,14 @@ def _write_thumbnail(storage: Storage, key: str, image: Image.Image, box: tuple[
         thumb = thumb.convert("RGB")
     elif fmt == "PNG" and thumb.mode == "P":
         thumb = thumb.convert("RGBA")
+    # Encode in memory (a thumbnail is small) so an encoder error is not mistaken for a disk error.
+    encoded = io.BytesIO()
+    try:
+        thumb.save(encoded, fmt, **({"quality": JPEG_QUALITY, "optimize": True} if fmt == "JPEG" else {}))
+    except (OSError, ValueError) as exc:
+        raise InvalidFileError(f"cannot encode a thumbnail of {key!r}: {exc}") from exc
     out_key = derived_key(key, f"thumb-{box[0]}x{box[1]}.{ext}")
     with storage.writer(out_key) as handle:
-        thumb.save(handle, fmt, **({"quality": JPEG_QUALITY, "optimize": True} if fmt == "JPEG" else {}))
+        handle.write(encoded.getbuffer())
     logger.info("Wrote thumbnail %s (%dx%d)", out_key, *thumb.size)
     return out_key

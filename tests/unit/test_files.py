@@ -289,6 +289,18 @@ def test_csv_with_semicolons(storage):
     assert result["rows"] == 2 and [c["max"] for c in result["columns"]] == [3.0, 4.0]
 
 
+def test_csv_byte_order_mark_is_not_part_of_the_header(storage):
+    (storage.root / "bom.csv").write_bytes(b"\xef\xbb\xbfid,name\n1,a\n")
+    result = csvimport.import_csv(storage, "bom.csv", max_field=1024)
+    assert [c["name"] for c in result["columns"]] == ["id", "name"]
+
+
+def test_sixteen_bit_images_get_thumbnails(storage):
+    Image.new("I;16", (300, 200), 30000).save(storage.root / "deep.png")
+    [key] = images.make_thumbnails(storage, "deep.png", [[100, 100]], max_pixels=10**7)
+    assert Image.open(storage.path(key)).size == (100, 67)
+
+
 @pytest.mark.parametrize("content,message", [
     (b"a,b\n1,2\n3,\xff\xfe\n", "not valid UTF-8 at line 3, byte 10"),
     (b"a,b\n1," + b"x" * 5000 + b"\n", "line 2 is longer than 1024 bytes"),
