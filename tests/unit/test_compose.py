@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ def compose() -> Path:
 
 
 def _config(binary: Path, path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {"PATH": os.environ.get("PATH", ""), "HOME": str(path.parent), **env}
+    # HOME elsewhere: compose may create ~/.docker, never in the project.
+    environ = {"PATH": os.environ.get("PATH", ""), "HOME": tempfile.gettempdir(), **env}
     return subprocess.run(
         [str(binary), "-f", str(path), "config", "-q"],
         capture_output=True,
