@@ -84,8 +84,21 @@ def _start_worker(redis_url: str, root: Path, cores: int) -> subprocess.Popen[by
     from proj.celery import app
 
     name = f"bench-files-{common.free_port()}"
-    cmd = common.celery_worker("proj", "-Q", FILES_QUEUE, "-P", "prefork", "-c", str(cores), "-n",
-                               f"{name}@%h", "--without-mingle", "--without-gossip", "-l", "WARNING")
+    cmd = common.celery_worker(
+        "proj",
+        "-Q",
+        FILES_QUEUE,
+        "-P",
+        "prefork",
+        "-c",
+        str(cores),
+        "-n",
+        f"{name}@%h",
+        "--without-mingle",
+        "--without-gossip",
+        "-l",
+        "WARNING",
+    )
     proc = common.spawn(cmd, common.child_env(redis_url, FILES_ROOT=str(root)), _SCRATCH / "worker.log")
     common.ping_until_ready(app, [f"{name}@{os.uname().nodename}"])
     return proc

@@ -73,8 +73,14 @@ class _StepProgress:
     """One rich progress bar per pipeline step, fed by the PROGRESS states of the task."""
 
     def __init__(self, console: Console) -> None:
-        self.progress = Progress(TextColumn("{task.description:<16}"), BarColumn(), TaskProgressColumn(),
-                                 DownloadColumn(), TimeElapsedColumn(), console=console)
+        self.progress = Progress(
+            TextColumn("{task.description:<16}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            DownloadColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
         self.steps: dict[str, TaskID] = {}
         self.totals: dict[TaskID, float | None] = {}
 

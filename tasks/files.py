@@ -25,9 +25,14 @@ PROGRESS_INTERVAL = 0.5
 SEND_EMAIL = "tasks.email.send_email"
 
 # One retry policy for every file step: transient storage errors only, backoff with jitter, finite.
-retrying = app.task(bind=True, autoretry_for=(TransientError,), retry_backoff=True,
-                    retry_backoff_max=FILES_RETRY_BACKOFF_MAX, retry_jitter=True,
-                    max_retries=FILES_MAX_RETRIES)
+retrying = app.task(
+    bind=True,
+    autoretry_for=(TransientError,),
+    retry_backoff=True,
+    retry_backoff_max=FILES_RETRY_BACKOFF_MAX,
+    retry_jitter=True,
+    max_retries=FILES_MAX_RETRIES,
+)
 
 
 def _storage() -> Storage:
@@ -65,16 +70,21 @@ def inspect_file(self: Task[Any, Any], key: str) -> dict[str, Any]:
 def make_thumbnails(self: Task[Any, Any], key: str, sizes: list[list[int]] | None = None) -> list[str]:
     """Thumbnails of the image at `key`, one per [width, height] box; returns their keys."""
     limit = get_settings().files_max_image_pixels
-    return images.make_thumbnails(_storage(), key, sizes or images.DEFAULT_SIZES, max_pixels=limit,
-                                  on_progress=_progress(self))
+    return images.make_thumbnails(
+        _storage(), key, sizes or images.DEFAULT_SIZES, max_pixels=limit, on_progress=_progress(self)
+    )
 
 
 @retrying
 def extract_archive(self: Task[Any, Any], key: str) -> list[str]:
     """Extract the zip or tar at `key` under derived/<key>/extracted/; returns the extracted keys."""
     s = get_settings()
-    limits = archives.ArchiveLimits(s.files_archive_max_bytes, s.files_archive_max_members,
-                                    s.files_archive_max_ratio, s.files_archive_max_depth)
+    limits = archives.ArchiveLimits(
+        s.files_archive_max_bytes,
+        s.files_archive_max_members,
+        s.files_archive_max_ratio,
+        s.files_archive_max_depth,
+    )
     return archives.extract_archive(_storage(), key, limits, _progress(self))
 
 
@@ -102,6 +112,7 @@ def clean_temp_files(self: Task[Any, Any], max_age: int | None = None) -> dict[s
 
 # --- the pipeline: each step is its own task, chained by Celery's canvas -----------------------
 
+
 @app.task(bind=True)
 def process_upload(self: Task[Any, Any], key: str, notify: str | None = None) -> Any:
     """Inspect `key`, then thumbnail / extract / import it by kind; the result is the summary."""
@@ -121,8 +132,9 @@ def plan_upload(self: Task[Any, Any], info: dict[str, Any], notify: str | None =
 
 
 @app.task(bind=True)
-def inspect_members(self: Task[Any, Any], keys: list[str], info: dict[str, Any],
-                    notify: str | None = None) -> Any:
+def inspect_members(
+    self: Task[Any, Any], keys: list[str], info: dict[str, Any], notify: str | None = None
+) -> Any:
     """Inspect every extracted member in parallel, then summarize (a chord)."""
     finish = summarize_upload.s(output="members", info=info, notify=notify)
     if not keys:
@@ -131,8 +143,9 @@ def inspect_members(self: Task[Any, Any], keys: list[str], info: dict[str, Any],
 
 
 @app.task(bind=True)
-def summarize_upload(self: Task[Any, Any], result: Any, info: dict[str, Any], output: str | None,
-                     notify: str | None = None) -> dict[str, Any]:
+def summarize_upload(
+    self: Task[Any, Any], result: Any, info: dict[str, Any], output: str | None, notify: str | None = None
+) -> dict[str, Any]:
     """Build the pipeline's summary and, if asked, mail it through tasks.email.send_email."""
     done = summary.summarize(info, {output: result} if output else {}, notify)
     if notify:

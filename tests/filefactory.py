@@ -29,6 +29,7 @@ def photo(path: Path, size: tuple[int, int] = (400, 200), orientation: int | Non
 
 def png_bomb(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
     """A tiny PNG whose header claims a huge canvas (the classic decompression bomb)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -51,7 +52,7 @@ def zip_with_symlink(path: Path, name: str, target: str) -> Path:
     """A zip whose member is a Unix symlink."""
     info = zipfile.ZipInfo(name)
     info.create_system = 3
-    info.external_attr = (0o120777 << 16)
+    info.external_attr = 0o120777 << 16
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr(info, target)
     return path
@@ -104,12 +105,7 @@ def random_bytes(size: int) -> bytes:
 def sample_csv(path: Path) -> Path:
     """A CSV with a header, numeric and text columns, empty cells and one ragged row."""
     path.write_text(
-        "id,price,name\n"
-        "1,9.5,apple\n"
-        "2,,banana\n"
-        "3,12,\n"
-        "4,7.25,cherry,extra\n"
-        "5,-1,date\n",
+        "id,price,name\n1,9.5,apple\n2,,banana\n3,12,\n4,7.25,cherry,extra\n5,-1,date\n",
         encoding="utf-8",
     )
     return path

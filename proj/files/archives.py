@@ -28,8 +28,17 @@ from proj.files.storage import (
 # Small outputs may compress 1000:1 legitimately (a sparse log); the ratio only counts past this.
 RATIO_FLOOR = 1 << 20
 NESTED_SUFFIX = ".extracted"
-_ARCHIVE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, zlib.error, EOFError,
-                   gzip.BadGzipFile, lzma.LZMAError, NotImplementedError, RuntimeError)
+_ARCHIVE_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    tarfile.TarError,
+    zlib.error,
+    EOFError,
+    gzip.BadGzipFile,
+    lzma.LZMAError,
+    NotImplementedError,
+    RuntimeError,
+)
 
 
 @dataclass(frozen=True)
@@ -63,13 +72,13 @@ class _Budget:
         if self.written > self.limits.max_bytes:
             raise InvalidFileError(f"archive expands past {self.limits.max_bytes} bytes (zip bomb?)")
         if self.written > RATIO_FLOOR and self.written > self.limits.max_ratio * self.archive_size:
-            raise InvalidFileError(
-                f"archive expands more than {self.limits.max_ratio}x its size (zip bomb?)")
+            raise InvalidFileError(f"archive expands more than {self.limits.max_ratio}x its size (zip bomb?)")
         self.on_progress(min(self.outer.tell(), self.archive_size), self.archive_size)
 
 
-def extract_archive(storage: Storage, key: str, limits: ArchiveLimits,
-                    on_progress: ProgressCallback = no_progress) -> list[str]:
+def extract_archive(
+    storage: Storage, key: str, limits: ArchiveLimits, on_progress: ProgressCallback = no_progress
+) -> list[str]:
     """Extract the archive at `key` under derived/<key>/extracted/ and return the keys of its files."""
     dest_key = derived_key(key, "extracted")
     with io_errors(key):

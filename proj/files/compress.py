@@ -15,8 +15,9 @@ GZIP_LEVEL = 6
 ZSTD_LEVEL = 3
 
 
-def compress(storage: Storage, key: str, fmt: str = "gzip",
-             on_progress: ProgressCallback = no_progress) -> dict[str, Any]:
+def compress(
+    storage: Storage, key: str, fmt: str = "gzip", on_progress: ProgressCallback = no_progress
+) -> dict[str, Any]:
     """Compress `key` to derived/<key>/compressed.<gz|zst>; return the output key, sizes and ratio."""
     if fmt not in FORMATS:
         raise InvalidFileError(f"unknown compression format {fmt!r}; use one of {sorted(FORMATS)}")
@@ -27,8 +28,13 @@ def compress(storage: Storage, key: str, fmt: str = "gzip",
         with path.open("rb") as source, storage.writer(out_key) as out:
             _stream(source, out, fmt, total, on_progress)
         size = storage.path(out_key).stat().st_size
-    return {"key": out_key, "format": fmt, "size": total, "compressed_size": size,
-            "ratio": round(total / size, 3) if size else 0.0}
+    return {
+        "key": out_key,
+        "format": fmt,
+        "size": total,
+        "compressed_size": size,
+        "ratio": round(total / size, 3) if size else 0.0,
+    }
 
 
 def _stream(source: IO[bytes], out: IO[bytes], fmt: str, total: int, on_progress: ProgressCallback) -> None:
@@ -39,7 +45,8 @@ def _stream(source: IO[bytes], out: IO[bytes], fmt: str, total: int, on_progress
         sink = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=GZIP_LEVEL, mtime=0, filename="")
     else:
         sink = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).stream_writer(
-            out, size=total, closefd=False)
+            out, size=total, closefd=False
+        )
     done = 0
     with sink:
         while chunk := source.read(CHUNK_SIZE):

@@ -48,8 +48,9 @@ class ColumnStats:
             self.max = number if self.max is None else max(self.max, number)
 
 
-def import_csv(storage: Storage, key: str, *, max_field: int,
-               on_progress: ProgressCallback = no_progress) -> dict[str, Any]:
+def import_csv(
+    storage: Storage, key: str, *, max_field: int, on_progress: ProgressCallback = no_progress
+) -> dict[str, Any]:
     """Read the CSV at `key` in one streaming pass; failed rows go to derived/<key>/import-errors.csv."""
     report_key = derived_key(key, "import-errors.csv")
     with io_errors(key):
@@ -94,8 +95,9 @@ class _Table:
                 column.add(value)
 
 
-def _scan(raw: IO[bytes], total: int, delimiter: str, max_field: int,
-          report: Any, on_progress: ProgressCallback) -> dict[str, Any]:
+def _scan(
+    raw: IO[bytes], total: int, delimiter: str, max_field: int, report: Any, on_progress: ProgressCallback
+) -> dict[str, Any]:
     """Walk the rows once, building column statistics and writing bad rows to `report`."""
     csv.field_size_limit(max_field)
     reader = csv.reader(_decoded_lines(raw, max_field), delimiter=delimiter)
@@ -122,7 +124,7 @@ def _decoded_lines(raw: IO[bytes], limit: int) -> Iterator[str]:
         if len(line) > limit and not line.endswith(b"\n"):
             raise InvalidFileError(f"CSV line {number} is longer than {limit} bytes (huge field)")
         if number == 1 and line.startswith(codecs.BOM_UTF8):
-            line = line[len(codecs.BOM_UTF8):]  # spreadsheets write one; it is not part of the header
+            line = line[len(codecs.BOM_UTF8) :]  # spreadsheets write one; it is not part of the header
             offset += len(codecs.BOM_UTF8)
         try:
             yield line.decode("utf-8")

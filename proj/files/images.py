@@ -21,8 +21,14 @@ MAX_THUMBNAIL_SIDE = 4096
 JPEG_QUALITY = 85
 
 
-def make_thumbnails(storage: Storage, key: str, sizes: Sequence[Sequence[int]] = DEFAULT_SIZES, *,
-                    max_pixels: int, on_progress: ProgressCallback = no_progress) -> list[str]:
+def make_thumbnails(
+    storage: Storage,
+    key: str,
+    sizes: Sequence[Sequence[int]] = DEFAULT_SIZES,
+    *,
+    max_pixels: int,
+    on_progress: ProgressCallback = no_progress,
+) -> list[str]:
     """Write one thumbnail per (width, height) box for the image at `key`; return their keys."""
     boxes = _check_sizes(sizes)
     with io_errors(key):

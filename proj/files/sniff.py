@@ -68,7 +68,7 @@ def _from_mime(mime: str, path: Path | None) -> FileType:
 
 def _is_tar(head: bytes) -> bool:
     """POSIX and GNU tars carry `ustar` at offset 257."""
-    return head[_TAR_MAGIC_OFFSET:_TAR_MAGIC_OFFSET + 5] == b"ustar"
+    return head[_TAR_MAGIC_OFFSET : _TAR_MAGIC_OFFSET + 5] == b"ustar"
 
 
 def _gzip_holds_tar(path: Path) -> bool:

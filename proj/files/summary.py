@@ -39,8 +39,10 @@ def _output_lines(outputs: dict[str, Any]) -> list[str]:
         return _listing("Extracted", members)
     if "import" in outputs:
         stats = outputs["import"]
-        return [f"CSV: {stats['rows']} rows, {len(stats['columns'])} columns, "
-                f"{stats['failed_rows']} failed rows (report: {stats['report_key']})"]
+        return [
+            f"CSV: {stats['rows']} rows, {len(stats['columns'])} columns, "
+            f"{stats['failed_rows']} failed rows (report: {stats['report_key']})"
+        ]
     return ["No further processing for this kind of file."]
 
 

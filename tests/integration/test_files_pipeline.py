@@ -21,8 +21,14 @@ pytestmark = pytest.mark.integration
 
 def _uploads(root):
     ff.photo(root / "up/photo.jpg", (1600, 1200), orientation=8)
-    ff.zip_of(root / "up/bundle.zip", {"readme.txt": b"hello\n", "img/pic.jpg": ff.photo(
-        root / "pic-src.jpg", (64, 48)).read_bytes(), "data.csv": b"a,b\n1,2\n"})
+    ff.zip_of(
+        root / "up/bundle.zip",
+        {
+            "readme.txt": b"hello\n",
+            "img/pic.jpg": ff.photo(root / "pic-src.jpg", (64, 48)).read_bytes(),
+            "data.csv": b"a,b\n1,2\n",
+        },
+    )
     ff.sample_csv(root / "up/table.csv")
     return ["up/photo.jpg", "up/bundle.zip", "up/table.csv"]
 
@@ -39,7 +45,10 @@ def test_pipeline_on_an_image_an_archive_and_a_csv(start_worker, celery_app, fil
 
     members = {m["key"].rsplit("/extracted/", 1)[1]: m for m in bundle["outputs"]["members"]}
     assert {name: m["kind"] for name, m in members.items()} == {
-        "readme.txt": "text", "img/pic.jpg": "image", "data.csv": "csv"}
+        "readme.txt": "text",
+        "img/pic.jpg": "image",
+        "data.csv": "csv",
+    }
     for member in members.values():
         assert member["sha256"] == hashlib.sha256((files_root / member["key"]).read_bytes()).hexdigest()
 
@@ -83,8 +92,11 @@ def test_pipeline_mails_its_summary_once(start_worker, celery_app, files_root, s
 def _finished_sends(redis_client, count):
     """Results of the send_email tasks that finished, once there are `count` of them."""
     metas = [json.loads(redis_client.get(k) or "{}") for k in redis_client.scan_iter("celery-task-meta-*")]
-    sends = [m["result"] for m in metas if m.get("name") == "tasks.email.send_email"
-             and m.get("status") == "SUCCESS"]
+    sends = [
+        m["result"]
+        for m in metas
+        if m.get("name") == "tasks.email.send_email" and m.get("status") == "SUCCESS"
+    ]
     return sends if len(sends) >= count else None
 
 
@@ -98,9 +110,24 @@ def test_beat_removes_old_temporary_files(start_worker, worker_env, files_root, 
     young = files_root / ".fresh.proj-tmp-running"
     young.write_bytes(b"a task is writing this right now")
     env = {**worker_env, "FILES_CLEAN_INTERVAL": "1", "FILES_TEMP_MAX_AGE": "3600"}
-    beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "proj", "beat", "-l", "INFO",
-                             "-s", str(tmp_path / "beat-schedule")], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    beat = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "proj",
+            "beat",
+            "-l",
+            "INFO",
+            "-s",
+            str(tmp_path / "beat-schedule"),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: not old.exists(), timeout=40, interval=0.2, what="beat to clean the orphan")
     finally:

@@ -21,9 +21,13 @@ from tests.harness import wait_for
 
 pytestmark = pytest.mark.integration
 
-SMALL_LIMITS = {"FILES_ARCHIVE_MAX_BYTES": str(8 << 20), "FILES_ARCHIVE_MAX_MEMBERS": "50",
-                "FILES_ARCHIVE_MAX_RATIO": "100", "FILES_ARCHIVE_MAX_DEPTH": "2",
-                "FILES_CSV_MAX_FIELD": "1024"}
+SMALL_LIMITS = {
+    "FILES_ARCHIVE_MAX_BYTES": str(8 << 20),
+    "FILES_ARCHIVE_MAX_MEMBERS": "50",
+    "FILES_ARCHIVE_MAX_RATIO": "100",
+    "FILES_ARCHIVE_MAX_DEPTH": "2",
+    "FILES_CSV_MAX_FIELD": "1024",
+}
 
 
 def test_each_task_on_valid_input_checked_on_disk(start_worker, files_root):
@@ -52,7 +56,10 @@ def test_each_task_on_valid_input_checked_on_disk(start_worker, files_root):
     stats = import_csv.delay("table.csv").get(timeout=30)
     assert (stats["rows"], stats["failed_rows"]) == (4, 1)
     assert [(c["name"], c["numeric"], c["min"], c["max"]) for c in stats["columns"]] == [
-        ("id", 4, 1.0, 5.0), ("price", 3, -1.0, 12.0), ("name", 0, None, None)]
+        ("id", 4, 1.0, 5.0),
+        ("price", 3, -1.0, 12.0),
+        ("name", 0, None, None),
+    ]
     assert "cherry" in (files_root / stats["report_key"]).read_text()
 
     original = (files_root / "table.csv").read_bytes()
@@ -75,38 +82,97 @@ HOSTILE = [
     ("inspect_file", "../secret.txt", None, "UnsafePathError", "must be relative"),
     ("inspect_file", "/etc/passwd", None, "UnsafePathError", "must be relative"),
     ("inspect_file", "escape", lambda r, p: _outside_link(r), "UnsafePathError", "outside the storage root"),
-    ("make_thumbnails", "trunc.jpg",
-     lambda r, p: p.write_bytes(ff.photo(r / "t.jpg", (800, 600)).read_bytes()[:2500]),
-     "InvalidFileError", "truncated or corrupt"),
-    ("make_thumbnails", "corrupt.png", lambda r, p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(400)),
-     "InvalidFileError", "not an image"),
+    (
+        "make_thumbnails",
+        "trunc.jpg",
+        lambda r, p: p.write_bytes(ff.photo(r / "t.jpg", (800, 600)).read_bytes()[:2500]),
+        "InvalidFileError",
+        "truncated or corrupt",
+    ),
+    (
+        "make_thumbnails",
+        "corrupt.png",
+        lambda r, p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(400)),
+        "InvalidFileError",
+        "not an image",
+    ),
     ("make_thumbnails", "bomb.png", lambda r, p: ff.png_bomb(p), "InvalidFileError", "too large to decode"),
-    ("extract_archive", "slip.zip", lambda r, p: ff.zip_of(p, {"ok": b"1", "../../evil.sh": b"x"}),
-     "UnsafePathError", "zip slip"),
-    ("extract_archive", "abs.zip", lambda r, p: ff.zip_of(p, {"ok": b"1", "/etc/cron.d/x": b"x"}),
-     "UnsafePathError", "absolute name"),
-    ("extract_archive", "link.tar", lambda r, p: ff.tar_with_special(p, tarfile.SYMTYPE),
-     "InvalidFileError", "link or device"),
-    ("extract_archive", "dev.tar", lambda r, p: ff.tar_with_special(p, tarfile.CHRTYPE),
-     "InvalidFileError", "link or device"),
-    ("extract_archive", "ratio.zip", lambda r, p: ff.zip_of(p, {"zeros": b"\0" * (4 << 20)}),
-     "InvalidFileError", "more than 100x"),
-    ("extract_archive", "size.tar",
-     lambda r, p: ff.tar_of(p, {f"r{i}": os.urandom(3 << 20) for i in range(3)}, mode="w"),
-     "InvalidFileError", "past 8388608 bytes"),
-    ("extract_archive", "many.zip", lambda r, p: ff.zip_of(p, {f"m{i}": b"x" for i in range(60)}),
-     "InvalidFileError", "more than 50 members"),
-    ("extract_archive", "deep.zip", lambda r, p: ff.nested_zip(p, depth=3), "InvalidFileError",
-     "nested deeper than 2"),
-    ("import_csv", "latin1.csv", lambda r, p: p.write_bytes("a,b\n1,café\n".encode("latin-1")),
-     "InvalidFileError", "not valid UTF-8 at line 2"),
-    ("import_csv", "huge.csv", lambda r, p: p.write_bytes(b"a,b\n1," + b"x" * 100_000 + b"\n"),
-     "InvalidFileError", "longer than 1024 bytes"),
+    (
+        "extract_archive",
+        "slip.zip",
+        lambda r, p: ff.zip_of(p, {"ok": b"1", "../../evil.sh": b"x"}),
+        "UnsafePathError",
+        "zip slip",
+    ),
+    (
+        "extract_archive",
+        "abs.zip",
+        lambda r, p: ff.zip_of(p, {"ok": b"1", "/etc/cron.d/x": b"x"}),
+        "UnsafePathError",
+        "absolute name",
+    ),
+    (
+        "extract_archive",
+        "link.tar",
+        lambda r, p: ff.tar_with_special(p, tarfile.SYMTYPE),
+        "InvalidFileError",
+        "link or device",
+    ),
+    (
+        "extract_archive",
+        "dev.tar",
+        lambda r, p: ff.tar_with_special(p, tarfile.CHRTYPE),
+        "InvalidFileError",
+        "link or device",
+    ),
+    (
+        "extract_archive",
+        "ratio.zip",
+        lambda r, p: ff.zip_of(p, {"zeros": b"\0" * (4 << 20)}),
+        "InvalidFileError",
+        "more than 100x",
+    ),
+    (
+        "extract_archive",
+        "size.tar",
+        lambda r, p: ff.tar_of(p, {f"r{i}": os.urandom(3 << 20) for i in range(3)}, mode="w"),
+        "InvalidFileError",
+        "past 8388608 bytes",
+    ),
+    (
+        "extract_archive",
+        "many.zip",
+        lambda r, p: ff.zip_of(p, {f"m{i}": b"x" for i in range(60)}),
+        "InvalidFileError",
+        "more than 50 members",
+    ),
+    (
+        "extract_archive",
+        "deep.zip",
+        lambda r, p: ff.nested_zip(p, depth=3),
+        "InvalidFileError",
+        "nested deeper than 2",
+    ),
+    (
+        "import_csv",
+        "latin1.csv",
+        lambda r, p: p.write_bytes("a,b\n1,café\n".encode("latin-1")),
+        "InvalidFileError",
+        "not valid UTF-8 at line 2",
+    ),
+    (
+        "import_csv",
+        "huge.csv",
+        lambda r, p: p.write_bytes(b"a,b\n1," + b"x" * 100_000 + b"\n"),
+        "InvalidFileError",
+        "longer than 1024 bytes",
+    ),
 ]
 
 
-def test_hostile_input_fails_permanently_into_dead_letters(start_worker, celery_app, files_root,
-                                                           redis_client):
+def test_hostile_input_fails_permanently_into_dead_letters(
+    start_worker, celery_app, files_root, redis_client
+):
     worker = start_worker("files", pool="prefork", concurrency=2, env=SMALL_LIMITS)
     results = []
     for task, key, setup, _, _ in HOSTILE:
@@ -121,13 +187,18 @@ def test_hostile_input_fails_permanently_into_dead_letters(start_worker, celery_
         letters = letters or wait_for(lambda: _letters(redis_client, len(HOSTILE)), what="dead letters")
         letter = letters[result.id]
         assert (letter.task_name, letter.args, letter.exc_type, letter.retries) == (
-            f"tasks.files.{task}", [key], error, 0)
+            f"tasks.files.{task}",
+            [key],
+            error,
+            0,
+        )
     assert [p for p in files_root.glob("derived/**/*") if not p.is_dir()] == []  # no partial output
     assert ff.temp_leftovers(files_root) == [] and not (files_root.parent / "evil.sh").exists()
     assert worker.proc.poll() is None
     ff.zip_of(files_root / "fine.zip", {"ok.txt": b"fine"})
     assert celery_app.send_task("tasks.files.extract_archive", args=["fine.zip"]).get(timeout=30) == [
-        "derived/fine.zip/extracted/ok.txt"]
+        "derived/fine.zip/extracted/ok.txt"
+    ]
 
 
 def _letters(redis_client, count):
@@ -143,8 +214,12 @@ def test_sigkill_mid_extraction_redelivers_to_the_same_complete_output(start_wor
     ff.zip_of(files_root / "big.zip", members, zipfile.ZIP_STORED)
     result = extract_archive.delay("big.zip")
 
-    partial = wait_for(lambda: [p for p in files_root.rglob("*.bin") if ".proj-tmp-" in str(p)],
-                       timeout=30, interval=0.01, what="extraction to be under way")
+    partial = wait_for(
+        lambda: [p for p in files_root.rglob("*.bin") if ".proj-tmp-" in str(p)],
+        timeout=30,
+        interval=0.01,
+        what="extraction to be under way",
+    )
     [child] = psutil.Process(worker.proc.pid).children()
     child.send_signal(signal.SIGKILL)
 
@@ -159,8 +234,9 @@ def test_sigkill_mid_extraction_redelivers_to_the_same_complete_output(start_wor
     assert worker.proc.poll() is None
 
 
-def test_soft_time_limit_removes_temporary_files_before_failing(start_worker, celery_app, files_root,
-                                                                redis_client):
+def test_soft_time_limit_removes_temporary_files_before_failing(
+    start_worker, celery_app, files_root, redis_client
+):
     worker = start_worker("files", pool="prefork", concurrency=1)
     block = os.urandom(1 << 20)  # incompressible, so gzip takes seconds
     with (files_root / "slow.bin").open("wb") as handle:
@@ -192,8 +268,9 @@ def test_progress_is_visible_to_event_monitors_like_flower(start_worker, celery_
 
     with celery_app.connection_for_read() as connection:
         receiver = celery_app.events.Receiver(connection, handlers={"*": on_event})
-        thread = threading.Thread(target=receiver.capture, kwargs={"limit": None, "timeout": None},
-                                  daemon=True)
+        thread = threading.Thread(
+            target=receiver.capture, kwargs={"limit": None, "timeout": None}, daemon=True
+        )
         thread.start()
         with celery_app.events.default_dispatcher() as probe:
 

@@ -34,6 +34,7 @@ def storage(tmp_path):
 
 # --- storage -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/passwd", "", "a//b", "./a", "a\\b", "a\x00b"])
 def test_keys_that_leave_the_root_are_refused(storage, key):
     with pytest.raises(UnsafePathError):
@@ -84,6 +85,7 @@ def test_clean_temp_removes_only_old_marked_files(storage):
 
 # --- sniffing and checksums ----------------------------------------------------------------------
 
+
 def test_type_comes_from_content_not_extension(tmp_path):
     cases = {
         "photo.csv": ff.photo(tmp_path / "photo.csv"),
@@ -116,13 +118,19 @@ def test_inspect_streams_the_checksum_with_progress(storage):
     (storage.root / "blob").write_bytes(data)
     seen = []
     info = checksums.inspect_file(storage, "blob", lambda done, total: seen.append((done, total)))
-    assert info == {"key": "blob", "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                    "mime": "application/octet-stream", "kind": "binary"}
+    assert info == {
+        "key": "blob",
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "mime": "application/octet-stream",
+        "kind": "binary",
+    }
     assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1] == (len(data), len(data))
     assert len(seen) == 4  # one report per 1 MiB chunk
 
 
 # --- images --------------------------------------------------------------------------------------
+
 
 def test_thumbnails_apply_exif_orientation(storage):
     ff.photo(storage.root / "p.jpg", (400, 200), orientation=6)  # stored landscape, shown portrait
@@ -145,13 +153,16 @@ def test_transparent_images_become_png(storage):
         assert key.endswith(".png") and thumb.size == (16, 8) and thumb.mode == "RGBA"
 
 
-@pytest.mark.parametrize("case,message", [
-    ("bomb", "too large"),
-    ("over_limit", "too large"),
-    ("truncated", "truncated or corrupt"),
-    ("garbage", "not an image"),
-    ("not_allowed", "not an image in an allowed format"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("bomb", "too large"),
+        ("over_limit", "too large"),
+        ("truncated", "truncated or corrupt"),
+        ("garbage", "not an image"),
+        ("not_allowed", "not an image in an allowed format"),
+    ],
+)
 def test_hostile_images_fail_without_output(storage, case, message):
     path = storage.root / "x.img"
     if case == "bomb":
@@ -171,6 +182,7 @@ def test_hostile_images_fail_without_output(storage, case, message):
 
 
 # --- archives ------------------------------------------------------------------------------------
+
 
 def test_zip_and_tar_gz_extract_to_identical_bytes(storage):
     members = {"a.txt": b"alpha\n", "dir/b.bin": os.urandom(300_000), "dir/sub/c.csv": b"x,y\n1,2\n"}
@@ -233,21 +245,24 @@ def _hostile(case, root):
 
 
 @pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")
-@pytest.mark.parametrize("case,error,message", [
-    ("zip_slip", UnsafePathError, "zip slip"),
-    ("absolute", UnsafePathError, "absolute"),
-    ("zip_symlink", InvalidFileError, "link or device"),
-    ("tar_symlink", InvalidFileError, "link or device"),
-    ("tar_hardlink", InvalidFileError, "link or device"),
-    ("tar_device", InvalidFileError, "link or device"),
-    ("tar_fifo", InvalidFileError, "link or device"),
-    ("ratio_bomb", InvalidFileError, "100x"),
-    ("size_bomb", InvalidFileError, "past 8388608 bytes"),
-    ("members", InvalidFileError, "more than 50 members"),
-    ("depth", InvalidFileError, "nested deeper than 2"),
-    ("duplicate", InvalidFileError, "twice"),
-    ("corrupt", InvalidFileError, "not a readable zip or tar"),
-])
+@pytest.mark.parametrize(
+    "case,error,message",
+    [
+        ("zip_slip", UnsafePathError, "zip slip"),
+        ("absolute", UnsafePathError, "absolute"),
+        ("zip_symlink", InvalidFileError, "link or device"),
+        ("tar_symlink", InvalidFileError, "link or device"),
+        ("tar_hardlink", InvalidFileError, "link or device"),
+        ("tar_device", InvalidFileError, "link or device"),
+        ("tar_fifo", InvalidFileError, "link or device"),
+        ("ratio_bomb", InvalidFileError, "100x"),
+        ("size_bomb", InvalidFileError, "past 8388608 bytes"),
+        ("members", InvalidFileError, "more than 50 members"),
+        ("depth", InvalidFileError, "nested deeper than 2"),
+        ("duplicate", InvalidFileError, "twice"),
+        ("corrupt", InvalidFileError, "not a readable zip or tar"),
+    ],
+)
 def test_hostile_archives_fail_with_no_partial_output(storage, tmp_path, case, error, message):
     key = _hostile(case, storage.root)
     with pytest.raises(error, match=message):
@@ -270,14 +285,21 @@ def test_bomb_is_caught_while_extracting_not_from_headers(storage):
 
 # --- CSV -----------------------------------------------------------------------------------------
 
+
 def test_csv_statistics_and_failed_rows_report(storage):
     ff.sample_csv(storage.root / "d.csv")
     result = csvimport.import_csv(storage, "d.csv", max_field=1024)
     assert result["rows"] == 4 and result["failed_rows"] == 1
     by_name = {c["name"]: c for c in result["columns"]}
     assert by_name["id"] == {"name": "id", "count": 4, "empty": 0, "numeric": 4, "min": 1.0, "max": 5.0}
-    assert by_name["price"] == {"name": "price", "count": 3, "empty": 1, "numeric": 3,
-                                "min": -1.0, "max": 12.0}
+    assert by_name["price"] == {
+        "name": "price",
+        "count": 3,
+        "empty": 1,
+        "numeric": 3,
+        "min": -1.0,
+        "max": 12.0,
+    }
     assert by_name["name"]["count"] == 3 and by_name["name"]["empty"] == 1 and by_name["name"]["numeric"] == 0
     report = list(csv.reader(io.StringIO(storage.path(result["report_key"]).read_text())))
     assert report[0] == ["line", "error", "fields"]
@@ -303,11 +325,14 @@ def test_sixteen_bit_images_get_thumbnails(storage):
     assert Image.open(storage.path(key)).size == (100, 67)
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"a,b\n1,2\n3,\xff\xfe\n", "not valid UTF-8 at line 3, byte 10"),
-    (b"a,b\n1," + b"x" * 5000 + b"\n", "line 2 is longer than 1024 bytes"),
-    (b'a,b\n1,"' + b"y" * 900 + b"\n" + b"y" * 900 + b'"\n', "field larger than field limit"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"a,b\n1,2\n3,\xff\xfe\n", "not valid UTF-8 at line 3, byte 10"),
+        (b"a,b\n1," + b"x" * 5000 + b"\n", "line 2 is longer than 1024 bytes"),
+        (b'a,b\n1,"' + b"y" * 900 + b"\n" + b"y" * 900 + b'"\n', "field larger than field limit"),
+    ],
+)
 def test_hostile_csv_fails_without_report(storage, content, message):
     (storage.root / "h.csv").write_bytes(content)
     with pytest.raises(InvalidFileError, match=message):
@@ -317,6 +342,7 @@ def test_hostile_csv_fails_without_report(storage, content, message):
 
 
 # --- compression and summary ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["gzip", "zstd"])
 def test_compress_round_trips(storage, fmt):

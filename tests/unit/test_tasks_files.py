@@ -41,11 +41,14 @@ def test_beat_runs_the_temp_cleaner():
     assert entry["task"] == "tasks.files.clean_temp_files" and entry["schedule"] > 0
 
 
-@pytest.mark.parametrize("exc,expected", [
-    (FileNotFoundError(errno.ENOENT, "No such file"), FileNotFoundForProcessing),
-    (OSError(errno.EIO, "I/O error"), StorageUnavailableError),
-    (OSError(errno.ENOSPC, "No space left on device"), StorageUnavailableError),
-])
+@pytest.mark.parametrize(
+    "exc,expected",
+    [
+        (FileNotFoundError(errno.ENOENT, "No such file"), FileNotFoundForProcessing),
+        (OSError(errno.EIO, "I/O error"), StorageUnavailableError),
+        (OSError(errno.ENOSPC, "No space left on device"), StorageUnavailableError),
+    ],
+)
 def test_storage_errors_are_classified(exc, expected):
     with pytest.raises(expected) as caught, io_errors("k"):
         raise exc
