@@ -18,8 +18,9 @@ from proj.settings import get_settings
 logger = get_task_logger(__name__)
 
 FILES_MAX_RETRIES = 5
-# Backoff stays within the longest countdown the broker may hold (celeryconfig.broker_max_countdown).
-FILES_RETRY_BACKOFF_MAX = 30
+# Backoff stays within the longest countdown the broker may hold, so a retry never outlives
+# the visibility timeout (celeryconfig.broker_max_countdown, default 30 s).
+FILES_RETRY_BACKOFF_MAX = min(30, int(app.conf.broker_max_countdown))
 # At most one PROGRESS write per task per this many seconds: Redis is not a progress bus.
 PROGRESS_INTERVAL = 0.5
 SEND_EMAIL = "tasks.email.send_email"
