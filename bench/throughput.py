@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -44,7 +47,8 @@ class Config:
 
 def stock_config() -> Config:
     """Stock Celery: `celery -A app worker`, every default."""
-    return Config("stock Celery defaults", "stock", [["-l", "WARNING"]], queue="celery", acks_late=False)
+    return Config("stock Celery defaults", "stock", [["-n", "stock@%h", "-l", "WARNING"]], queue="celery",
+                  acks_late=False)
 
 
 def proj_worker(name: str, pool: str, concurrency: int, *extra: str, include: str = "") -> list[str]:
@@ -52,6 +56,28 @@ def proj_worker(name: str, pool: str, concurrency: int, *extra: str, include: st
     modules = ",".join(filter(None, (BENCH_TASKS, include)))
     return ["-Q", "default", "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h", *PROJ_FLAGS,
             "-I", modules, *extra]
+
+
+PROCFILE = common.ROOT / "Procfile"
+
+
+def procfile_workers() -> dict[str, list[str]]:
+    """The `celery worker` arguments of each Procfile entry: the production configuration."""
+    workers = {}
+    for line in PROCFILE.read_text().splitlines():
+        name, _, command = line.partition(":")
+        words = shlex.split(command.replace('"$FILES_CONCURRENCY"', str(os.cpu_count() or 1)))
+        if line.startswith("#") or words[:4] != ["exec", "celery", "-A", "proj"] or words[4] != "worker":
+            continue
+        workers[name.strip()] = words[5:]
+    return workers
+
+
+def production_config() -> Config:
+    """Every Procfile worker that consumes `default` (the short-task queue), benchmark tasks loaded."""
+    workers = [[*args, "-I", BENCH_TASKS] for args in procfile_workers().values()
+               if "default" in args[args.index("-Q") + 1].split(",")]
+    return Config("proj Procfile short-task workers", "proj", workers)
 
 
 # --- (a) drain -------------------------------------------------------------------------------
@@ -82,17 +108,49 @@ def _drained(client: redis.Redis, config: Config, tail: list[str]) -> bool:
     return bool(client.exists(*(f"celery-task-meta-{task_id}" for task_id in tail)) == len(tail))
 
 
-def drain(config: Config, redis_url: str, n: int) -> dict[str, float]:
-    """(a) Start the workers on n pre-enqueued tasks; tasks/s, CPU µs per task and RSS."""
-    common.flush(redis_url)
-    tail = _enqueue(config, redis_url, n)
-    client = redis.Redis.from_url(redis_url)
-    procs = [common.spawn(cmd, common.child_env(redis_url, **config.env), LOGS / f"{config.label}-{i}.log")
+def _nodes(config: Config) -> list[str]:
+    """The node names of the workers of `config` (each command line carries `-n name@%h`)."""
+    import socket
+
+    return [args[args.index("-n") + 1].replace("%h", socket.gethostname()) for args in config.workers]
+
+
+def start_workers(config: Config, redis_url: str, tag: str) -> list[subprocess.Popen[bytes]]:
+    """Start the workers of `config` and wait until every one answers a ping."""
+    app = _control_app(redis_url)
+    env = common.child_env(redis_url, **config.env)
+    procs = [common.spawn(cmd, env, LOGS / f"{tag}-{config.label}-{i}.log")
              for i, cmd in enumerate(config.commands())]
     try:
-        common.wait_for(lambda: client.llen(config.queue) < n, timeout=60, interval=0.001,
-                        what=f"{config.label} to start consuming")
+        common.ping_until_ready(app, _nodes(config))
+    except BaseException:
+        common.stop(procs)
+        raise
+    return procs
+
+
+def _control_app(redis_url: str) -> Any:
+    """A bare app for remote control (ping, add/cancel consumer) of any worker on `redis_url`."""
+    from celery import Celery
+
+    return Celery("bench-control", broker=redis_url)
+
+
+def drain(config: Config, redis_url: str, n: int) -> dict[str, float]:
+    """(a) n tasks enqueued while the ready workers do not consume; then all start at once.
+
+    Workers are started and warmed up first and told to stop consuming (remote control), so start-up
+    cost is neither timed nor counted in CPU; the clock starts when they are told to consume again.
+    """
+    common.flush(redis_url)
+    procs = start_workers(config, redis_url, "drain")
+    app, nodes = _control_app(redis_url), _nodes(config)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        app.control.cancel_consumer(config.queue, destination=nodes, reply=True, timeout=5)
+        tail = _enqueue(config, redis_url, n)
         started, cpu0 = time.perf_counter(), common.tree_cpu(p.pid for p in procs)
+        app.control.add_consumer(config.queue, destination=nodes, reply=False)
         common.wait_for(lambda: _drained(client, config, tail) and _drained(client, config, tail),
                         timeout=600, interval=0.005, what=f"{config.label} to drain {n} tasks")
         elapsed, cpu = time.perf_counter() - started, common.tree_cpu(p.pid for p in procs) - cpu0
@@ -132,9 +190,79 @@ def broker_floor(redis_url: str, n: int) -> list[common.Row]:
             common.row("redis-py LPUSH+BRPOP floor", "round trip", elapsed / n * 1e6 / 2, "µs")]
 
 
+def drain_rows(redis_url: str, n: int) -> list[common.Row]:
+    """(a) stock vs proj's production short-task workers draining n pre-enqueued tasks."""
+    stock, proj = drain(stock_config(), redis_url, n), drain(production_config(), redis_url, n)
+    scenario = f"(a) drain {n:,} short tasks"
+    rows = []
+    for label, figures in (("stock", stock), ("proj", proj)):
+        rows += [common.row(scenario, f"{label} tasks/s", figures["per_second"], "1/s"),
+                 common.row(scenario, f"{label} CPU per task", figures["cpu_us"], "µs"),
+                 common.row(scenario, f"{label} RSS after the drain", figures["rss"], "MiB")]
+    return [*rows, common.ratio(scenario, "proj / stock tasks/s", proj["per_second"], stock["per_second"]),
+            common.ratio(scenario, "stock / proj CPU per task", stock["cpu_us"], proj["cpu_us"])]
+
+
+def enqueue_rows(redis_url: str, n: int) -> list[common.Row]:
+    """(b) one producer: stock .delay(), proj .delay(), proj's bulk helper."""
+    stock = producer("delay", "stock", n, redis_url)["per_second"]
+    delay = producer("delay", "proj", n, redis_url)["per_second"]
+    bulk = producer("bulk", "proj", n * 4, redis_url)["per_second"]
+    scenario = "(b) enqueue from one producer"
+    return [common.row(scenario, "stock .delay()", stock, "1/s"),
+            common.row(scenario, "proj .delay()", delay, "1/s"),
+            common.row(scenario, "proj enqueue_many()", bulk, "1/s"),
+            common.ratio(scenario, "proj enqueue_many() / proj .delay()", bulk, delay),
+            common.ratio(scenario, "proj .delay() / stock .delay()", delay, stock)]
+
+
+def roundtrip(config: Config, redis_url: str, n: int) -> dict[str, float]:
+    """(c) `.delay().get()` n times against idle workers of `config`."""
+    common.flush(redis_url)
+    procs = start_workers(config, redis_url, "roundtrip")
+    try:
+        return producer("roundtrip", config.app, n, redis_url)
+    finally:
+        common.stop(procs)
+
+
+def roundtrip_rows(redis_url: str, n: int) -> list[common.Row]:
+    """(c) round trip p50/p99, stock vs proj."""
+    stock, proj = roundtrip(stock_config(), redis_url, n), roundtrip(production_config(), redis_url, n)
+    scenario = f"(c) round trip .delay().get(), {n:,} sequential"
+    return [common.row(scenario, "stock p50", stock["p50"], "µs"),
+            common.row(scenario, "stock p99", stock["p99"], "µs"),
+            common.row(scenario, "proj p50", proj["p50"], "µs"),
+            common.row(scenario, "proj p99", proj["p99"], "µs"),
+            common.ratio(scenario, "proj p50 / stock p50", proj["p50"], stock["p50"])]
+
+
+def rss_rows(redis_url: str) -> list[common.Row]:
+    """RSS of each worker kind, idle after start-up: the Procfile's workers and stock Celery."""
+    kinds = {name: args for name, args in procfile_workers().items() if not name.endswith("-2")}
+    rows = []
+    for name, args in [*kinds.items(), ("stock Celery defaults", stock_config().workers[0])]:
+        app = "stock" if name.startswith("stock") else "proj"
+        config = Config(name, app, [args])
+        procs = start_workers(config, redis_url, "rss")
+        try:
+            rss = common.tree_rss(p.pid for p in procs)
+        finally:
+            common.stop(procs)
+        pool = args[args.index("-P") + 1] if "-P" in args else "prefork"
+        label, scenario = f"{name} ({pool})", "worker RSS, idle after start-up"
+        rows += [common.row(scenario, f"{label} main process", rss["main"], "MiB"),
+                 common.row(scenario, f"{label} pool children", rss["children"], "MiB")]
+    return rows
+
+
 def run(redis_url: str, quick: bool = False) -> list[common.Row]:
     """Every throughput and latency scenario, once."""
-    return broker_floor(redis_url, 2_000 if quick else 20_000)
+    return [*broker_floor(redis_url, 2_000 if quick else 10_000),
+            *enqueue_rows(redis_url, 1_000 if quick else 5_000),
+            *drain_rows(redis_url, 2_000 if quick else 10_000),
+            *roundtrip_rows(redis_url, 200 if quick else 1_000),
+            *rss_rows(redis_url)]
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Enqueue many tasks at once for application code: one connection, the Redis writes pipelined.
 
 Celery glue (imports celery). Each signature goes through the normal `apply_async` path, so routing,
-headers, `before_task_publish` handlers and the `task-sent` event are exactly those of `.delay()`;
-only the transport differs: kombu's producer batch buffers the LPUSH and PUBLISH commands and sends
-them `batch_size` at a time in one round trip, where `.delay()` waits for each.
+headers, `before_task_publish` handlers and the `task-sent` event are those of `.delay()`; two things
+differ. kombu's producer batch buffers the LPUSH commands and sends them `batch_size` at a time in
+one round trip, where `.delay()` waits for each. And the `task-sent` events leave after the messages,
+grouped in one `task.multi` event message, the form Celery's workers use for their own events and
+every event receiver (Flower, `celery events`) unpacks.
 """
 
 from __future__ import annotations
@@ -23,6 +25,17 @@ DEFAULT_BATCH_SIZE = 1000
 _NO_REPLAY = {"retry_on_timeout": False}
 
 
+class _SentEvents:
+    """Stands in for the event dispatcher of `send_task_message`: keeps the `task-sent` events."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def publish(self, kind: str, fields: dict[str, Any], producer: Any, **_: Any) -> None:
+        """Keep one event instead of publishing it."""
+        self.events.append((kind, fields))
+
+
 def enqueue_many(signatures: Iterable[Signature[Any]], *, app: Celery | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE) -> list[AsyncResult[Any]]:
     """Publish every signature as `.apply_async()` would, in pipelined batches; their results.
@@ -35,22 +48,39 @@ def enqueue_many(signatures: Iterable[Signature[Any]], *, app: Celery | None = N
     if not pending:
         return []
     app = app or pending[0].app
+    sent = _SentEvents()
     with app.connection_for_write(transport_options=_NO_REPLAY) as connection:
         # Any: celery-types' Producer stub predates kombu 5.7's batch().
         producer: Any = app.amqp.Producer(connection, auto_declare=False)
         declared: set[tuple[str, str]] = set()
         with producer.batch(batch_size):
-            results = [_publish(sig, producer, declared) for sig in pending]
+            results = [_publish(sig, producer, declared, sent) for sig in pending]
+        _send_events(app, connection, sent.events)
     logger.debug("Enqueued %d tasks in batches of %d", len(results), batch_size)
     return results
 
 
-def _publish(sig: Signature[Any], producer: Any, declared: set[tuple[str, str]]) -> AsyncResult[Any]:
+def _publish(sig: Signature[Any], producer: Any, declared: set[tuple[str, str]],
+             sent: _SentEvents) -> AsyncResult[Any]:
     """Publish one signature; its queue is declared with the first message that goes there."""
     key = (str(sig.task), str(sig.options.get("queue", "")))
+    options: dict[str, Any] = {"producer": producer, "retry": False, "event_dispatcher": sent}
     if key in declared:
-        # Skip per-message declare and retry: the queue exists, and a buffered write cannot fail
+        # Skip the per-message declare: the queue exists. No retry: a buffered write cannot fail
         # here (the batch's flush reports failure for all of them).
-        return sig.apply_async(producer=producer, declare=(), retry=False)
+        options["declare"] = ()
     declared.add(key)
-    return sig.apply_async(producer=producer, retry=False)
+    return sig.apply_async(**options)
+
+
+def _send_events(app: Celery, connection: Any, events: list[tuple[str, dict[str, Any]]]) -> None:
+    """Publish the kept `task-sent` events as `task.multi` messages."""
+    if not events:
+        return
+    dispatcher = app.events.Dispatcher(connection, buffer_group=["task"], buffer_limit=DEFAULT_BATCH_SIZE)
+    try:
+        for type_, fields in events:
+            dispatcher.send(type_, **fields)
+        dispatcher.flush()
+    finally:
+        dispatcher.close()

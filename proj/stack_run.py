@@ -24,7 +24,7 @@ from proj.stack import Stack, StackError, write_env_file
 # Ctrl-C still needs Redis to ack them and SMTP to send the mail they are about.
 BACKING = ("redis", "smtp")
 # Procfile names of the workers; each runs as <name>@<hostname>.
-WORKERS = ("email", "files")
+WORKERS = ("email", "default-1", "default-2", "files")
 # Warm shutdown waits for running tasks, which the hard time limit (300 s) bounds; then SIGKILL.
 SHUTDOWN_GRACE = 330
 READY_TIMEOUT = 60.0

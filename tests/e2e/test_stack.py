@@ -64,7 +64,8 @@ def test_canary_returns_on_every_queue(local_stack: LocalStack) -> None:
     assert {q: a["state"] for q, a in answers.items()} == {q: "SUCCESS" for q in QUEUES}
     assert {q: a["result"]["queue"] for q, a in answers.items()} == {q: q for q in QUEUES}
     assert answers["files"]["result"]["hostname"].startswith("files@")
-    for queue in ("email", "email_bulk", "default"):
+    assert answers["default"]["result"]["hostname"].startswith("default-")
+    for queue in ("email", "email_bulk"):
         assert answers[queue]["result"]["hostname"].startswith("email@")
 
 
@@ -78,7 +79,8 @@ def test_flower_requires_credentials_and_lists_both_workers(local_stack: LocalSt
         status, body = _get(url, (exports["FLOWER_USER"], exports["FLOWER_PASSWORD"]))
         assert status == 200
         names = sorted(json.loads(body))
-        return names if [n.split("@")[0] for n in names] == ["email", "files"] else None
+        expected = ["default-1", "default-2", "email", "files"]
+        return names if [n.split("@")[0] for n in names] == expected else None
 
     assert wait_for(workers, timeout=30, interval=0.5, what="Flower to list both workers")
 
