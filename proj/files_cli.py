@@ -43,12 +43,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     key = store_upload(Storage(get_settings().files_root), source)
     console.print(f"Stored {source} as [bold]{key}[/bold]")
-    from proj.celery import app  # imported here so `proj --help` stays fast
+    from celery.exceptions import TimeoutError as ResultTimeout  # imported here: `proj --help` stays fast
+
+    from proj.celery import app
 
     result = app.send_task(PROCESS_UPLOAD, kwargs={"key": key, "notify": args.notify})
     console.print(f"Pipeline {result.id} enqueued")
-    with _StepProgress(console) as progress:
-        outcome = result.get(on_message=progress.update, propagate=False, timeout=args.timeout)
+    try:
+        with _StepProgress(console) as progress:
+            outcome = result.get(on_message=progress.update, propagate=False, timeout=args.timeout)
+    except ResultTimeout:
+        console.print(f"[yellow]Still running after {args.timeout:g} s: {result.id}[/yellow]")
+        return 1
     if result.state != "SUCCESS":
         console.print(f"[red]Pipeline failed: {outcome!r}[/red]")
         return 1
