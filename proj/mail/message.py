@@ -1,4 +1,4 @@
-"""Checking a send request and turning it into an EmailMessage: addresses, headers, body, attachments."""
+"""Checking a send request before anything is sent: addresses, headers, body, template, attachments."""
 
 from __future__ import annotations
 
@@ -6,17 +6,13 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from email import policy
-from email.message import EmailMessage
-from email.utils import formatdate
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
 from proj.errors import InvalidEmailError, ProjError
-from proj.files.sniff import sniff
 from proj.files.storage import Storage
 from proj.mail.templates import render
 from proj.settings import Settings, get_settings
@@ -183,41 +179,3 @@ def sender_address(settings: Settings) -> str:
     """The bare envelope sender from MAIL_FROM, which may carry a display name."""
     match = re.search(r"<([^<>]+)>\s*$", settings.mail_from)
     return (match.group(1) if match else settings.mail_from).strip()
-
-
-def build_message(request: EmailRequest, message_id: str, settings: Settings) -> EmailMessage:
-    """The MIME message: text with an HTML alternative, attachments with their sniffed type."""
-    msg = EmailMessage(policy=policy.SMTP)
-    msg["From"] = settings.mail_from
-    for name, values in (("To", request.to), ("Cc", request.cc), ("Reply-To", request.reply_to)):
-        if values:
-            msg[name] = ", ".join(values)
-    msg["Subject"] = request.subject
-    msg["Date"] = formatdate(usegmt=True)
-    msg["Message-ID"] = message_id
-    for name, value in request.headers:
-        msg[name] = value
-    if request.text:
-        msg.set_content(request.text)
-        if request.html:
-            msg.add_alternative(request.html, subtype="html")
-    else:
-        msg.set_content(request.html or "", subtype="html")
-    _attach(msg, request.attachments, settings)
-    return msg
-
-
-def _attach(msg: EmailMessage, keys: Iterable[str], settings: Settings) -> None:
-    """Add each attachment with the type sniffed from its content, never trusted from its name."""
-    if not keys:
-        return
-    storage = Storage(settings.files_root)
-    for key in keys:
-        try:
-            path = storage.file(key)
-            maintype, _, subtype = sniff(path).mime.partition("/")
-            data = path.read_bytes()
-        except ProjError as exc:
-            raise InvalidEmailError(f"attachment {key!r}: {exc}") from exc
-        msg.add_attachment(data, maintype=maintype, subtype=subtype or "octet-stream",
-                           filename=path.name)

@@ -12,7 +12,8 @@ import redis
 
 from proj.errors import EmailDeliveryError, PermanentError, RateLimitedError
 from proj.ledger import Ledger
-from proj.mail.message import EmailRequest, build_message, message_id_for, sender_address
+from proj.mail.message import EmailRequest, message_id_for, sender_address
+from proj.mail.mime import build_message, to_bytes
 from proj.mail.transport import TemporaryReplyError, ThreadConnections
 from proj.ratelimit import DomainRateLimiter, parse_limits
 from proj.settings import Settings, get_settings
@@ -41,9 +42,16 @@ class Mailer:
 
         Raises:
             RateLimitedError: a recipient domain is over its limit; come back after `retry_after`.
-            EmailDeliveryError: worth retrying (4xx, connection trouble, or the key is in flight).
+            EmailDeliveryError: worth retrying (4xx, connection trouble, Redis unreachable, or the
+                key is in flight).
             PermanentError: the server refused for good, or the message cannot be built.
         """
+        try:
+            return self._deliver(request, owner, send)
+        except redis.RedisError as exc:  # no ledger, no sending: try again when Redis is back
+            raise EmailDeliveryError(f"Redis unavailable for the email ledger: {exc}") from exc
+
+    def _deliver(self, request: EmailRequest, owner: str, send: SendFn) -> dict[str, Any]:
         key = request.idempotency_key
         claim = self.ledger.claim(key, owner)
         if claim.status == "sent":
@@ -70,7 +78,7 @@ class Mailer:
         """Build and send; keep the "sending" mark only when the outcome is unknown."""
         key = request.idempotency_key
         message_id = message_id_for(key, self.settings)
-        data = build_message(request, message_id, self.settings).as_bytes()
+        data = to_bytes(build_message(request, message_id, self.settings))
         handed_over = False
 
         def before_data() -> None:

@@ -98,7 +98,9 @@ def test_a_domain_limit_holds_across_two_workers(start_worker, smtp_server):
     stamps = sorted(r.received_at for r in smtp_server.handler.received
                     if r.rcpt_tos[0].endswith("@slow.example.com"))
     assert len(stamps) == 12
-    # At most 4 in any one second: five consecutive deliveries span (nearly) a second or more.
-    # The 0.1 s slack absorbs delivery jitter; without the limit all 12 arrive within ~0.1 s.
-    assert min(stamps[i + 4] - stamps[i] for i in range(len(stamps) - 4)) >= 0.9
+    # Slots are 250 ms apart; a delivery lands a little after its slot, so a one-second window may
+    # catch the next slot's message too (limit + 1), never more unless the limit broke. Without it
+    # all 12 arrive within a fraction of a second.
+    assert max(sum(1 for t in stamps if start <= t < start + 1) for start in stamps) <= 4 + 1
+    assert stamps[-1] - stamps[0] >= 10 * 0.25
     assert all("succeeded" in w.log() for w in workers)  # both workers took part

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proj.errors import InvalidEmailError
-from proj.mail import build_message, message_id_for, validate
+from proj.mail import build_message, message_id_for, to_bytes, validate
 from proj.settings import Settings
 
 SETTINGS = Settings()
@@ -29,7 +29,7 @@ def test_input_is_sent_intact_or_refused_clearly(to, subject, text):
     except InvalidEmailError as exc:
         assert str(exc)  # a sentence, never an empty error
         return
-    raw = build_message(request, message_id_for(request.idempotency_key, SETTINGS), SETTINGS).as_bytes()
+    raw = to_bytes(build_message(request, message_id_for(request.idempotency_key, SETTINGS), SETTINGS))
     assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
     parsed = message_from_bytes(raw.replace(b"\r\n", b"\n"), policy=policy.default)
     assert _normalise(parsed["Subject"]) == _normalise(subject)
@@ -50,7 +50,7 @@ def test_extra_headers_are_allowlisted_and_single_line(name, value):
     assert name.lower().startswith("x-") or name.lower() in ("list-id", "list-unsubscribe", "references",
                                                              "list-unsubscribe-post", "in-reply-to",
                                                              "precedence", "auto-submitted")
-    raw = build_message(request, "<x@example.com>", SETTINGS).as_bytes()
+    raw = to_bytes(build_message(request, "<x@example.com>", SETTINGS))
     parsed = message_from_bytes(raw.replace(b"\r\n", b"\n"), policy=policy.default)
     assert parsed["To"] == "a@example.com" and parsed["Bcc"] is None
     assert _normalise(str(parsed[name])) == _normalise(value)
