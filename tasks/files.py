@@ -7,6 +7,8 @@ from typing import Any
 
 from celery import Task, chain, chord, group
 from celery.utils.log import get_task_logger
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
 from proj.celery import app
 from proj.errors import TransientError
@@ -50,15 +52,24 @@ def _progress(task: Task[Any, Any]) -> ProgressCallback:
             return
         last[0] = now
         meta: dict[str, Any] = {"done": done, "total": total, "step": task.name.rsplit(".", 1)[-1]}
-        task.update_state(state="PROGRESS", meta=meta)
-        # Flower follows events, not the result backend: a custom event shows the task as PROGRESS.
-        task.send_event("task-progress", **meta)
-        root = task.request.root_id
-        if root and root != task.request.id:
-            # The CLI follows one id, the pipeline's; mirror the step's progress there.
-            task.update_state(task_id=root, state="PROGRESS", meta=meta)
+        try:
+            _publish_progress(task, meta)
+        except (RedisError, OperationalError) as exc:
+            # Progress is for people watching; losing one report must not fail the work.
+            logger.warning("Could not report progress of %s: %s", task.request.id, exc)
 
     return report
+
+
+def _publish_progress(task: Task[Any, Any], meta: dict[str, Any]) -> None:
+    """Store PROGRESS in the result backend and send it as an event."""
+    task.update_state(state="PROGRESS", meta=meta)
+    # Flower follows events, not the result backend: a custom event shows the task as PROGRESS.
+    task.send_event("task-progress", **meta)
+    root = task.request.root_id
+    if root and root != task.request.id:
+        # The CLI follows one id, the pipeline's; mirror the step's progress there.
+        task.update_state(task_id=root, state="PROGRESS", meta=meta)
 
 
 @retrying
