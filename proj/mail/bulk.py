@@ -74,31 +74,52 @@ def prepare(template: str, recipients: Sequence[Any], bulk_key: str, mailer: Mai
     return out
 
 
+class _Feed:
+    """The messages of a round, handed out one at a time to the connection threads."""
+
+    def __init__(self, items: list[tuple[dict[str, Any], EmailRequest]]) -> None:
+        self._items = iter(items)
+        self._lock = threading.Lock()
+
+    def next(self) -> tuple[dict[str, Any], EmailRequest] | None:
+        with self._lock:
+            return next(self._items, None)
+
+
 def send_round(mailer: Mailer, ready: list[tuple[dict[str, Any], EmailRequest]], owner: str,
                on_chunk: Callable[[Round], None]) -> Round:
-    """Send every prepared message, chunks in parallel, each chunk over one connection."""
-    size = max(1, mailer.settings.email_bulk_chunk_size)
-    chunks = [ready[i:i + size] for i in range(0, len(ready), size)]
+    """Send every prepared message over up to EMAIL_BULK_CONNECTIONS connections at once.
+
+    Each connection carries one chunk (at most EMAIL_BULK_CHUNK_SIZE messages) and is then closed;
+    the threads pull messages from one shared feed, so none idles while another has a backlog.
+    """
     outcome = Round()
-    if not chunks:
+    if not ready:
         return outcome
-    workers = max(1, min(mailer.settings.email_bulk_connections, len(chunks)))
+    feed = _Feed(ready)
+    workers = max(1, min(mailer.settings.email_bulk_connections, len(ready)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bulk") as pool:
-        for _ in pool.map(lambda chunk: _send_chunk(mailer, chunk, owner, outcome, on_chunk), chunks):
+        for _ in pool.map(lambda _: _send_chunks(mailer, feed, owner, outcome, on_chunk), range(workers)):
             pass
     return outcome
 
 
-def _send_chunk(mailer: Mailer, chunk: list[tuple[dict[str, Any], EmailRequest]], owner: str,
-                outcome: Round, on_chunk: Callable[[Round], None]) -> None:
-    """Send one chunk over its own connection and add its results to `outcome`."""
-    conn = ChunkConnection(mailer.settings)
-    try:
-        for item, request in chunk:
-            _send_one(mailer, item, request, owner, conn, outcome)
-    finally:
-        conn.close()
-    on_chunk(outcome)
+def _send_chunks(mailer: Mailer, feed: _Feed, owner: str, outcome: Round,
+                 on_chunk: Callable[[Round], None]) -> None:
+    """Send chunks from the feed until it is empty, one SMTP connection per chunk."""
+    size = max(1, mailer.settings.email_bulk_chunk_size)
+    item = feed.next()
+    while item is not None:
+        conn = ChunkConnection(mailer.settings)
+        try:
+            for _ in range(size):
+                if item is None:
+                    break
+                _send_one(mailer, *item, owner, conn, outcome)
+                item = feed.next()
+        finally:
+            conn.close()
+        on_chunk(outcome)
 
 
 def _send_one(mailer: Mailer, item: dict[str, Any], request: EmailRequest, owner: str,
