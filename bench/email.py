@@ -41,8 +41,8 @@ NOTES = f"""\
 - proj: `celery -A proj worker -Q email,email_bulk -P threads -c {EMAIL_THREADS}` (the local
   stack's email worker); `send_email` reuses one connection per thread and records each message
   in the idempotency ledger before and after the SMTP transaction (three Redis round trips);
-  `send_bulk` sends one task of all messages in chunks of 50, {BULK_CONNECTIONS} chunks at a time
-  (`EMAIL_BULK_CONNECTIONS={BULK_CONNECTIONS}`), one connection per chunk.
+  `send_bulk` sends all messages in one task over {BULK_CONNECTIONS} connections at a time
+  (`EMAIL_BULK_CONNECTIONS={BULK_CONNECTIONS}`), each carrying a chunk of up to 50 messages.
 - Peak RSS: the worker's whole process tree, sampled every 0.1 s during the run.
 """
 
