@@ -15,14 +15,20 @@ that py-spy shows on every message (docs/benchmarks.md):
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.json import dumps
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+logger = logging.getLogger(__name__)
 
 # Celery's default `event_exchange`: the fanout exchange of task and worker events.
 EVENT_EXCHANGE = "celeryev"
@@ -33,8 +39,13 @@ MAX_PENDING_REPLIES = 1000
 _RedisChannel: Any = kombu_redis.Channel
 
 
-class UnawaitedPublisher:
-    """PUBLISH on one pooled connection without waiting for each reply; thread- and fork-safe."""
+class UnawaitedWriter:
+    """Commands on one pooled connection, replies read when they are there; thread- and fork-safe.
+
+    Redis answers a connection's commands in order, so what is sent here is applied in the order
+    it was sent; only the wait for each reply is skipped. An error reply is logged when read; a
+    broken connection is dropped and its error raised to the caller of `send`.
+    """
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
@@ -43,32 +54,39 @@ class UnawaitedPublisher:
         self._pid = 0
         self._pending = 0
 
-    def publish(self, topics: list[str], payload: str) -> None:
-        """Send one PUBLISH per topic; a broken connection is dropped and the error raised."""
+    def send(self, commands: list[tuple[Any, ...]]) -> None:
+        """Send the commands (one reply each) and read the replies that have already arrived."""
         with self._lock:
             connection = self._acquire()
             try:
-                for topic in topics:
-                    connection.send_command("PUBLISH", topic, payload, check_health=False)
-                    self._pending += 1
+                connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+                self._pending += len(commands)
                 self._collect(connection)
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 self._drop()
                 raise
 
-    def close(self) -> None:
-        """Read the outstanding replies and give the connection back to the pool."""
+    def flush(self) -> None:
+        """Wait for every outstanding reply: what was sent has been applied."""
         with self._lock:
             if self._connection is None or self._pid != os.getpid():
-                self._connection = None
                 return
             try:
                 while self._pending:
                     self._read(self._connection)
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 self._drop()
-                return
-            self._pool.release(self._connection)
+                raise
+
+    def close(self) -> None:
+        """Flush and give the connection back to the pool."""
+        try:
+            self.flush()
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            return
+        with self._lock:
+            if self._connection is not None and self._pid == os.getpid():
+                self._pool.release(self._connection)
             self._connection = None
 
     def _acquire(self) -> Any:
@@ -77,13 +95,16 @@ class UnawaitedPublisher:
         return self._connection
 
     def _collect(self, connection: Any) -> None:
-        """Read the replies that are already there, and wait only when too many are outstanding."""
+        """Read the replies already there; wait only when too many are outstanding."""
         while self._pending and (self._pending > MAX_PENDING_REPLIES or connection.can_read(timeout=0)):
             self._read(connection)
 
     def _read(self, connection: Any) -> None:
-        connection.read_response()
         self._pending -= 1
+        try:
+            connection.read_response()
+        except ResponseError as exc:
+            logger.warning("Redis refused an unawaited command: %s", exc)
 
     def _drop(self) -> None:
         if self._connection is not None:
@@ -91,11 +112,51 @@ class UnawaitedPublisher:
         self._connection, self._pending = None, 0
 
 
-class Channel(_RedisChannel):  # type: ignore[misc]
-    """A Redis channel that reuses its synchronous client and does not wait on event publishes."""
+class QoS(kombu_redis.QoS):
+    """Unacked bookkeeping sent without waiting: a solo worker otherwise waits on Redis twice a task.
 
+    The MULTI/EXEC blocks are kombu's; they go through the channel's unawaited writer, so a message
+    is recorded as unacked before its ack on the same connection, in that order. Waiting for the
+    reply to the record would not make it safer: the message has already left the queue (BRPOP).
+    """
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        """Record the message as unacked (ZADD + HSET), then remember it in memory."""
+        channel: Any = self.channel
+        writer = channel.unawaited_writer()
+        if writer is None:
+            super().append(message, delivery_tag)
+            return
+        delivery = message.delivery_info
+        payload = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        writer.send([("MULTI",), ("ZADD", self.unacked_index_key, time.time(), delivery_tag),
+                     ("HSET", self.unacked_key, delivery_tag, payload), ("EXEC",)])
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        """Drop the unacked record (ZREM + HDEL)."""
+        channel: Any = self.channel
+        writer = channel.unawaited_writer()
+        if writer is None:
+            super().ack(delivery_tag)
+            return
+        writer.send([("MULTI",), ("ZREM", self.unacked_index_key, delivery_tag),
+                     ("HDEL", self.unacked_key, delivery_tag), ("EXEC",)])
+        virtual.QoS.ack(self, delivery_tag)
+
+    def restore_unacked(self, client: Any = None) -> Any:
+        """Let the records in flight land before putting unacked messages back on their queues."""
+        channel: Any = self.channel
+        channel.flush_unawaited()
+        return super().restore_unacked(client)
+
+
+class Channel(_RedisChannel):  # type: ignore[misc]
+    """A Redis channel that reuses its synchronous client and does not wait on bookkeeping writes."""
+
+    QoS = QoS
     _sync_client: Any = None
-    _events: UnawaitedPublisher | None = None
+    _writer: UnawaitedWriter | None = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         """The channel's one synchronous client; a fresh one for the async (BRPOP) side."""
@@ -105,19 +166,32 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             self._sync_client = super()._create_client()
         return self._sync_client
 
+    def unawaited_writer(self) -> UnawaitedWriter | None:
+        """The channel's unawaited writer; None with a global key prefix (raw commands skip it)."""
+        if self.global_keyprefix:
+            return None
+        if self._writer is None:
+            self._writer = UnawaitedWriter(self.pool)
+        return self._writer
+
+    def flush_unawaited(self) -> None:
+        """Wait until everything sent unawaited has been applied."""
+        if self._writer is not None:
+            self._writer.flush()
+
     def _put_fanout(self, exchange: str, message: Any, routing_key: str, **kwargs: Any) -> None:
-        """Events go through the unawaited publisher; other fanout messages as kombu sends them."""
-        if exchange != EVENT_EXCHANGE or kwargs.get("_publish_batch") is not None:
+        """Events go through the unawaited writer; other fanout messages as kombu sends them."""
+        writer = self.unawaited_writer()
+        if exchange != EVENT_EXCHANGE or kwargs.get("_publish_batch") is not None or writer is None:
             super()._put_fanout(exchange, message, routing_key, **kwargs)
             return
-        if self._events is None:
-            self._events = UnawaitedPublisher(self.pool)
-        self._events.publish(self._get_publish_topics(exchange, routing_key), dumps(message))
+        payload, topics = dumps(message), self._get_publish_topics(exchange, routing_key)
+        writer.send([("PUBLISH", topic, payload) for topic in topics])
 
     def close(self) -> None:
-        """Flush the event publisher's replies before the channel goes."""
-        if self._events is not None:
-            self._events.close()
+        """Let the unawaited writes land before the channel (and its restore of unacked) goes."""
+        if self._writer is not None:
+            self._writer.close()
         super().close()
 
 
