@@ -282,3 +282,18 @@ def test_property_any_input_through_a_worker_is_sent_or_fails_at_once(start_work
         assert " ".join(parsed["Subject"].split()) == " ".join(subject.split())
 
     check()
+
+
+def test_send_bulk_defers_a_4xx_to_its_next_round_and_reports_the_total(start_worker, smtp_server):
+    from tasks.email import send_bulk
+
+    ctx = {"product": "Proj", "url": "https://example.com", "name": "N"}
+    recipients = [{"to": f"b{i}@example.com", "context": ctx} for i in range(6)]
+    smtp_server.handler.fail_next("451 4.3.0 Mailbox busy")  # the first DATA of the round
+    start_worker(EMAIL_QUEUES, env={**smtp_env(smtp_server), "EMAIL_BULK_CONNECTIONS": "1"})
+    async_result = send_bulk.delay(template="welcome", recipients=recipients, idempotency_key="round-1")
+    result = async_result.get(timeout=60)
+    assert (result["total"], result["sent"], result["failed"], result["deferred"]) == (6, 6, 0, 0)
+    assert async_result.retries == 1  # one more round, for the deferred message only
+    assert sorted(r.rcpt_tos[0] for r in smtp_server.handler.received) == sorted(
+        f"b{i}@example.com" for i in range(6))
