@@ -85,6 +85,20 @@ def test_451_then_250_delivers_once_after_one_retry(start_worker, smtp_server):
     assert async_result.retries == 1
 
 
+def test_a_connection_dropped_during_data_is_replaced_and_the_message_sent_once(start_worker, smtp_server):
+    from proj.devsmtp import DISCONNECT
+    from tasks.email import send_email
+
+    start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server), concurrency=1)
+    first = send_email.delay(to="ola@example.com", subject="warm", text="t").get(timeout=30)
+    smtp_server.handler.fail_next(DISCONNECT)  # the reused connection breaks inside DATA
+    async_result = send_email.delay(to="pia@example.com", subject="after", text="t")
+    second = async_result.get(timeout=30)
+    assert async_result.retries == 1
+    assert [r.message["Message-ID"] for r in smtp_server.handler.received] == [
+        first["message_id"], second["message_id"]]
+
+
 def test_550_fails_at_once_with_the_reply(start_worker, smtp_server, redis_client):
     from proj.deadletters import DeadLetterStore
     from tasks.email import send_email
