@@ -83,3 +83,37 @@ def test_mailer_over_the_limit_asks_to_come_back(redis_client, smtp_server):
     assert 30 < caught.value.retry_after <= 120
     assert mailer.ledger.get(second.idempotency_key) is None
     assert len(smtp_server.handler.received) == 1
+
+
+def test_tls_modes_auth_and_certificate_failures(redis_client, smtp_server_tls, tls_ca):
+    import ssl
+
+    from aiosmtpd.controller import Controller
+
+    from proj.devsmtp import MailSink
+    from proj.errors import EmailRejectedError
+    from tests.harness import free_port
+
+    def send(settings: Settings, key: str) -> dict:
+        request = validate(to="a@example.com", subject="s", text=key, idempotency_key=key, settings=settings)
+        return Mailer(settings, redis_client).send(request, owner=key)
+
+    starttls = Settings(smtp_port=smtp_server_tls.port, smtp_security="starttls", smtp_username="user",
+                        smtp_password="secret", smtp_ca_file=tls_ca.ca_file)
+    assert send(starttls, "starttls-ok")["duplicate"] is False
+    with pytest.raises(EmailRejectedError, match="authentication failed") as caught:
+        send(Settings(**{**starttls.__dict__, "smtp_password": "wrong"}), "bad-password")
+    assert "wrong" not in str(caught.value)
+    with pytest.raises(EmailDeliveryError, match="SSL"):  # unknown CA: a handshake failure, retried
+        send(Settings(**{**starttls.__dict__, "smtp_ca_file": ""}), "unknown-ca")
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.server_cert.configure_cert(context)
+    handler = MailSink()
+    implicit = Controller(handler, hostname="127.0.0.1", port=free_port(), ssl_context=context)
+    implicit.start()
+    try:
+        send(Settings(smtp_port=implicit.port, smtp_security="tls", smtp_ca_file=tls_ca.ca_file), "tls-ok")
+        assert len(handler.received) == 1
+    finally:
+        implicit.stop()
