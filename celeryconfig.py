@@ -23,7 +23,7 @@ _redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 # Celery itself lets CELERY_BROKER_URL / CELERY_RESULT_BACKEND override these two.
 broker_url = os.environ.get("CELERY_BROKER_URL", _redis_url)
 result_backend = os.environ.get("CELERY_RESULT_BACKEND", _redis_url)
-# kombu's Redis transport minus one redis.Redis object built per command (docs/benchmarks.md).
+# kombu's Redis transport minus per-command client objects and reply waits (docs/benchmarks.md).
 if broker_url.startswith("redis://"):
     broker_transport = "proj.broker:Transport"
 

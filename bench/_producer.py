@@ -1,4 +1,7 @@
-"""One producer process: `python -m bench._producer {delay|bulk|roundtrip} {proj|stock} N`, JSON out.
+"""One producer process: `python -m bench._producer {delay|bulk|roundtrip} APP N`, JSON out.
+
+APP is `stock`, `proj`, or an ablation of proj: `proj-kombu` (kombu's own Redis transport),
+`proj-started` (round trip of a task that tracks STARTED).
 
 Each measurement runs in a fresh process so that result subscriptions and connection pools left
 behind by one scenario cannot slow down the next.
@@ -22,6 +25,10 @@ def _task(app_name: str, kind: str) -> Any:
         return _stock.noop
     from bench import _projtasks
 
+    if app_name == "proj-kombu":  # ablation: kombu's own Redis transport
+        _projtasks.app.conf.broker_transport = None
+    if app_name == "proj-started":  # ablation: the STARTED state tracked, proj's default
+        return _projtasks.echo_started
     return _projtasks.echo if kind == "echo" else _projtasks.noop
 
 

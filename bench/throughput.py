@@ -37,11 +37,12 @@ class Config:
     workers: list[list[str]]  # worker arguments after `celery -A <app> worker`
     queue: str = "default"
     acks_late: bool = True
+    task: str = "noop"  # which bench._projtasks task a proj drain enqueues
     env: dict[str, str] = field(default_factory=dict)
 
     def commands(self) -> list[list[str]]:
         """Full command lines."""
-        module = "proj" if self.app == "proj" else "bench._stock"
+        module = "bench._stock" if self.app == "stock" else "proj"
         return [common.celery_worker(module, *args) for args in self.workers]
 
 
@@ -91,7 +92,8 @@ def _enqueue(config: Config, redis_url: str, n: int) -> list[str]:
     if config.app == "proj":
         from bench import _projtasks
 
-        signatures = [_projtasks.noop.s() for _ in range(n)]
+        task = getattr(_projtasks, config.task)
+        signatures = [task.s() for _ in range(n)]
     else:
         # A producer-only twin of the stock app: same messages, but no result subscriptions here.
         producer = Celery("stock-producer", broker=redis_url)
@@ -190,8 +192,8 @@ def broker_floor(redis_url: str, n: int) -> list[common.Row]:
             common.row("redis-py LPUSH+BRPOP floor", "round trip", elapsed / n * 1e6 / 2, "µs")]
 
 
-def drain_rows(redis_url: str, n: int) -> list[common.Row]:
-    """(a) stock vs proj's production short-task workers draining n pre-enqueued tasks."""
+def drain_rows(redis_url: str, n: int) -> tuple[list[common.Row], dict[str, float]]:
+    """(a) stock vs proj's production short-task workers draining n pre-enqueued tasks; proj's figures."""
     stock, proj = drain(stock_config(), redis_url, n), drain(production_config(), redis_url, n)
     scenario = f"(a) drain {n:,} short tasks"
     rows = []
@@ -199,8 +201,53 @@ def drain_rows(redis_url: str, n: int) -> list[common.Row]:
         rows += [common.row(scenario, f"{label} tasks/s", figures["per_second"], "1/s"),
                  common.row(scenario, f"{label} CPU per task", figures["cpu_us"], "µs"),
                  common.row(scenario, f"{label} RSS after the drain", figures["rss"], "MiB")]
-    return [*rows, common.ratio(scenario, "proj / stock tasks/s", proj["per_second"], stock["per_second"]),
-            common.ratio(scenario, "stock / proj CPU per task", stock["cpu_us"], proj["cpu_us"])]
+    rows += [common.ratio(scenario, "proj / stock tasks/s", proj["per_second"], stock["per_second"]),
+             common.ratio(scenario, "stock / proj CPU per task", stock["cpu_us"], proj["cpu_us"])]
+    return rows, proj
+
+
+def _variant(label: str, workers: list[list[str]], task: str = "noop") -> Config:
+    """A variation of the production short-task workers, for the ablation rows."""
+    return Config(label, "proj", workers, task=task)
+
+
+def _swap(args: list[str], option: str, value: str) -> list[str]:
+    """`args` with the value of `option` replaced."""
+    changed = list(args)
+    changed[changed.index(option) + 1] = value
+    return changed
+
+
+def ablations() -> list[Config]:
+    """Production minus one change at a time (the effect of each change, measured in one run)."""
+    base = production_config().workers
+    first = base[0]
+    return [
+        _variant("kombu's own Redis transport", [_swap(a, "-I", f"{BENCH_TASKS},bench._kombu_transport")
+                                                for a in base]),
+        _variant("task events flushed every loop turn",
+                 [_swap(a, "-I", f"{BENCH_TASKS},bench._per_turn_events") for a in base]),
+        _variant("results stored (+ STARTED)", base, task="noop_result"),
+        _variant("-l INFO (a log line per received and per finished task)",
+                 [_swap(a, "-l", "INFO") for a in base]),
+        _variant(f"one prefork worker -c {len(base)}",
+                 [[*_swap(_swap(first, "-P", "prefork"), "-n", "prefork@%h"), "-c", str(len(base))]]),
+        _variant("one threads worker -c 32",
+                 [[*_swap(_swap(first, "-P", "threads"), "-n", "threads@%h"), "-c", "32"]]),
+    ]
+
+
+def ablation_rows(redis_url: str, n: int, production: dict[str, float]) -> list[common.Row]:
+    """(a') the drain again with one of proj's changes undone at a time; ratios to production."""
+    rows = []
+    for config in ablations():
+        figures = drain(config, redis_url, n)
+        scenario = f"(a') drain {n:,}, production but {config.label}"
+        rows += [common.row(scenario, "tasks/s", figures["per_second"], "1/s"),
+                 common.row(scenario, "CPU per task", figures["cpu_us"], "µs"),
+                 common.ratio(scenario, "production / this, tasks/s",
+                              production["per_second"], figures["per_second"])]
+    return rows
 
 
 def enqueue_rows(redis_url: str, n: int) -> list[common.Row]:
@@ -208,12 +255,15 @@ def enqueue_rows(redis_url: str, n: int) -> list[common.Row]:
     stock = producer("delay", "stock", n, redis_url)["per_second"]
     delay = producer("delay", "proj", n, redis_url)["per_second"]
     bulk = producer("bulk", "proj", n * 4, redis_url)["per_second"]
+    kombu = producer("delay", "proj-kombu", n, redis_url)["per_second"]
     scenario = "(b) enqueue from one producer"
     return [common.row(scenario, "stock .delay()", stock, "1/s"),
             common.row(scenario, "proj .delay()", delay, "1/s"),
             common.row(scenario, "proj enqueue_many()", bulk, "1/s"),
+            common.row(scenario, "proj .delay(), kombu's own Redis transport", kombu, "1/s"),
             common.ratio(scenario, "proj enqueue_many() / proj .delay()", bulk, delay),
-            common.ratio(scenario, "proj .delay() / stock .delay()", delay, stock)]
+            common.ratio(scenario, "proj .delay() / stock .delay()", delay, stock),
+            common.ratio(scenario, "proj .delay() / same with kombu's transport", delay, kombu)]
 
 
 def roundtrip(config: Config, redis_url: str, n: int) -> dict[str, float]:
@@ -229,12 +279,15 @@ def roundtrip(config: Config, redis_url: str, n: int) -> dict[str, float]:
 def roundtrip_rows(redis_url: str, n: int) -> list[common.Row]:
     """(c) round trip p50/p99, stock vs proj."""
     stock, proj = roundtrip(stock_config(), redis_url, n), roundtrip(production_config(), redis_url, n)
+    started = roundtrip(Config("started", "proj-started", production_config().workers), redis_url, n)
     scenario = f"(c) round trip .delay().get(), {n:,} sequential"
     return [common.row(scenario, "stock p50", stock["p50"], "µs"),
             common.row(scenario, "stock p99", stock["p99"], "µs"),
             common.row(scenario, "proj p50", proj["p50"], "µs"),
             common.row(scenario, "proj p99", proj["p99"], "µs"),
-            common.ratio(scenario, "proj p50 / stock p50", proj["p50"], stock["p50"])]
+            common.row(scenario, "proj p50, STARTED tracked", started["p50"], "µs"),
+            common.ratio(scenario, "proj p50 / stock p50", proj["p50"], stock["p50"]),
+            common.ratio(scenario, "proj p50 with STARTED / stock p50", started["p50"], stock["p50"])]
 
 
 def rss_rows(redis_url: str) -> list[common.Row]:
@@ -258,9 +311,12 @@ def rss_rows(redis_url: str) -> list[common.Row]:
 
 def run(redis_url: str, quick: bool = False) -> list[common.Row]:
     """Every throughput and latency scenario, once."""
-    return [*broker_floor(redis_url, 2_000 if quick else 10_000),
+    n = 2_000 if quick else 10_000
+    drained, production = drain_rows(redis_url, n)
+    return [*broker_floor(redis_url, n),
             *enqueue_rows(redis_url, 1_000 if quick else 5_000),
-            *drain_rows(redis_url, 2_000 if quick else 10_000),
+            *drained,
+            *ablation_rows(redis_url, n, production),
             *roundtrip_rows(redis_url, 200 if quick else 1_000),
             *rss_rows(redis_url)]
 

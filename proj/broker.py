@@ -1,16 +1,19 @@
-"""kombu's Redis transport, cheaper per message: one client per channel, events not waited for.
+"""kombu's Redis transport, cheaper per message: one client per channel, fewer waits for replies.
 
-Celery glue, selected by `broker_transport` in celeryconfig. Two costs of kombu 5.7's Redis channel
-that py-spy shows on every message (docs/benchmarks.md):
+Celery glue, selected by `broker_transport` in celeryconfig. Three costs of kombu 5.7's Redis
+channel that py-spy shows on every message (docs/benchmarks.md):
 
 - It builds a new `redis.Redis` object for every command outside the consumer's BRPOP (unacked
   bookkeeping, ack, event publish, `.delay()`); with redis-py 8 that costs more than sending the
   command (~17 % of a worker's time). The client is only a view of the channel's connection pool,
   so one per channel is enough; redis-py clients are thread-safe and pipelines stay per call.
-- Each event (`task-sent` on every `.delay()`, the worker's batched task events) waits for the
-  reply to its PUBLISH, a round trip of its own. Events are monitoring data that Celery itself
-  publishes on a best-effort basis, so they go out on a connection of their own whose replies
-  (subscriber counts) are read when they have arrived instead of being waited for.
+- A worker waits for the reply to the unacked record of each message (ZADD + HSET) and to its ack
+  (ZREM + HDEL): two round trips per task during which a solo worker does nothing. They are sent
+  on one connection of their own, in order, and the replies read when they have arrived.
+- Each event (`task-sent` on every `.delay()`, the worker's task events) waits for the reply to its
+  PUBLISH. Events are best-effort monitoring data; they take the same unawaited connection.
+
+Nothing changes on the wire: the same commands, in the same MULTI/EXEC blocks, in the same order.
 """
 
 from __future__ import annotations
