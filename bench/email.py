@@ -47,7 +47,7 @@ NOTES = f"""\
 - Why proj stays well under the 20x / 70 % goals on 2 cores: the pure-Python SMTP server spends
   1.5-2 ms of CPU per message on the same cores (a bare threaded smtplib loop reached 377 msg/s
   over 32 connections and 720 over 64), Celery's threads pool about 3 ms per `send_email` task
-  (events, STARTED and SUCCESS results, ack), the service about 1.5 ms (validation, template,
+  (events, the result write, ack), the service about 1.5 ms (validation, template,
   `EmailMessage`, three ledger round trips).
 """
 
