@@ -1,7 +1,8 @@
 """Rate limits per recipient domain that hold across every worker: GCRA in one Redis Lua script.
 
-`EMAIL_RATE_LIMITS="gmail.com=20/s,*=200/s"`: each listed domain gets its own limit, every other
-domain gets the `*` limit for itself. Time comes from the Redis server, so worker clocks don't matter.
+`EMAIL_RATE_LIMITS="@smtp=14/s,gmail.com=20/s,*=200/s"`: each listed domain gets its own limit,
+every other domain gets the `*` limit for itself, and `@smtp` limits every message together (the
+provider's own sending rate). Time comes from the Redis server, so worker clocks don't matter.
 A caller over the limit is told how long to wait and re-schedules; nobody sleeps holding a slot.
 """
 
@@ -17,6 +18,9 @@ from proj.errors import ConfigurationError
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RULE = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*$")
+
+# The pseudo-domain for the SMTP provider's overall limit.
+PROVIDER = "@smtp"
 
 # All keys checked first, then all updated: a message to two domains takes both slots or neither.
 _GCRA = """
@@ -80,8 +84,8 @@ class DomainRateLimiter:
     def acquire(self, domains: Iterable[str]) -> float:
         """Take one slot in every domain's limit, or none and say how many seconds to wait."""
         keys, args = [], []
-        for domain in sorted({d.lower() for d in domains}):
-            rate = self.rate_for(domain)
+        for domain in [*sorted({d.lower() for d in domains}), PROVIDER]:
+            rate = self.rates.get(PROVIDER) if domain == PROVIDER else self.rate_for(domain)
             if rate is not None:
                 keys.append(f"proj:ratelimit:{domain}")
                 args += [rate.interval_ms, rate.burst]

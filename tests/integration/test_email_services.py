@@ -46,6 +46,9 @@ def test_rate_limiter_is_shared_and_all_or_nothing(redis_client):
     assert redis_client.get("proj:ratelimit:other.example") is None  # no slot taken on a refusal
     assert one.acquire(["unlisted.example"]) == 0  # the * limit, per domain
     assert DomainRateLimiter(redis_client, {}).acquire(["slow.example"]) == 0
+    provider = DomainRateLimiter(redis_client, parse_limits("@smtp=2/s"))
+    assert provider.acquire(["a.example"]) == 0
+    assert provider.acquire(["b.example"]) > 0  # another domain, same provider budget
 
 
 def test_delayed_set_releases_due_messages_in_order_once(redis_client):
