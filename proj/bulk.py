@@ -63,6 +63,10 @@ def enqueue_many(signatures: Iterable[Signature[Any]], *, app: Celery | None = N
 def _publish(sig: Signature[Any], producer: Any, declared: set[tuple[str, str]],
              sent: _SentEvents) -> AsyncResult[Any]:
     """Publish one signature; its queue is declared with the first message that goes there."""
+    if "countdown" in sig.options or "eta" in sig.options:
+        # Delayed messages take the task's own path: DelayedTask parks long delays outside the
+        # broker, which it only does when it chooses the producer itself.
+        return sig.apply_async()
     key = (str(sig.task), str(sig.options.get("queue", "")))
     options: dict[str, Any] = {"producer": producer, "retry": False, "event_dispatcher": sent}
     if key in declared:
