@@ -215,4 +215,6 @@ def run(mailer: Mailer, template: str, recipients: Any, bulk_key: str | None, bu
                                for d in deferred]
         deferred = []
     tally.add(done.sent, done.duplicates, failures)
+    logger.info("Bulk %s round: %d sent, %d duplicates, %d failed, %d deferred", bulk_id, done.sent,
+                done.duplicates + prepared.repeats, len(failures) + len(prepared.failures), len(deferred))
     return BulkRun({**tally.read(), "deferred": len(deferred)}, deferred, done.retry_after, key)
