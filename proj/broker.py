@@ -147,6 +147,12 @@ class QoS(kombu_redis.QoS):
                      ("HDEL", self.unacked_key, delivery_tag), ("EXEC",)])
         virtual.QoS.ack(self, delivery_tag)
 
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        """Let the message's unacked record land first: a requeue reads it back from Redis."""
+        channel: Any = self.channel
+        channel.flush_unawaited()
+        super().reject(delivery_tag, requeue=requeue)
+
     def restore_unacked(self, client: Any = None) -> Any:
         """Let the records in flight land before putting unacked messages back on their queues."""
         channel: Any = self.channel
