@@ -18,6 +18,28 @@ import redis
 from bench import common
 
 NOTES = """\
+- Stock: `bench/_stock.py`, `Celery("stock", broker=url, backend=url)` and a no-op task, run by
+  `celery -A bench._stock worker -n stock@%h -l WARNING`: prefork with one child per core,
+  prefetch multiplier 4, acks early, results stored, no task events, mingle/gossip/heartbeat on.
+- proj: the `default-N` lines of the `Procfile` as they are (`-P solo`, one process per core,
+  `-l WARNING`), plus `-I bench._projtasks` for the benchmark tasks: `tasks.bench.noop`
+  (`ignore_result=True`, routed to `default`), `tasks.bench.echo` (`track_started=False`).
+  proj's configuration as shipped: acks late, task events on, `task-sent` events on, JSON only.
+- (a) drain: the workers start and answer a ping, are told to stop consuming (`cancel_consumer`),
+  the tasks are enqueued with `proj.bulk.enqueue_many`, and the clock starts when they are told
+  to consume again (`add_consumer`); it stops when the queue and the unacked set are empty (and,
+  for stock, the last results are stored). Start-up is neither timed nor counted. CPU per task:
+  user + system time of the worker process trees (psutil) over the same window, divided by the
+  number of tasks.
+- (a') the same drain with one of proj's changes undone: kombu's own transport
+  (`-I bench._kombu_transport`), per-turn event flushing (`-I bench._per_turn_events`), a task
+  that stores its result and STARTED state (`tasks.bench.noop_result`), `-l INFO`, or the same
+  processes replaced by one prefork (`-c` cores) or one threads (`-c 32`) worker.
+- (b) enqueue: `bench/_producer.py` in a fresh process: `.delay()` in a loop after one warm-up
+  call (stock's task stores results, so its `.delay()` subscribes to each result, as stock
+  does); `enqueue_many` over four times as many signatures.
+- (c) round trip: 1,000 sequential `.delay().get()` after 20 warm-up calls, workers idle.
+- Worker RSS: each Procfile worker kind and stock, started alone, idle, after answering a ping.
 - `redis-py LPUSH+BRPOP floor`: one redis-py client pushes a message and pops it back on one
   connection: the cost of the two broker round trips every task needs, with no Celery at all.
 """
@@ -262,6 +284,7 @@ def enqueue_rows(redis_url: str, n: int) -> list[common.Row]:
             common.row(scenario, "proj enqueue_many()", bulk, "1/s"),
             common.row(scenario, "proj .delay(), kombu's own Redis transport", kombu, "1/s"),
             common.ratio(scenario, "proj enqueue_many() / proj .delay()", bulk, delay),
+            common.ratio(scenario, "proj enqueue_many() / stock .delay()", bulk, stock),
             common.ratio(scenario, "proj .delay() / stock .delay()", delay, stock),
             common.ratio(scenario, "proj .delay() / same with kombu's transport", delay, kombu)]
 
