@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     context.update(
-        command="python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        command=" ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
         date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         duration=f"{(time.monotonic() - started) / 60:.1f} min")
     out.parent.mkdir(parents=True, exist_ok=True)
