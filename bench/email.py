@@ -44,14 +44,6 @@ NOTES = f"""\
   `send_bulk` sends all messages in one task over {BULK_CONNECTIONS} connections at a time
   (`EMAIL_BULK_CONNECTIONS={BULK_CONNECTIONS}`), each carrying a chunk of up to 50 messages.
 - Peak RSS: the worker's whole process tree, sampled every 0.1 s during the run.
-- Why proj stays well under the 20x / 70 % goals on 2 cores: the pure-Python SMTP server spends
-  1.5-2 ms of CPU per message on the same cores (a bare threaded smtplib loop reached 377 msg/s
-  over 32 connections and 720 over 64), Celery's threads pool about 3 ms per `send_email` task
-  (events, the result write, ack), the service about 1.5 ms (validation, template,
-  `EmailMessage`, three ledger round trips).
-- Scaling out: with the GIL, one worker process is one core at most. In one paired try, two email
-  workers of 16 threads delivered 237 msg/s where one of 32 delivered 162 (same 2,000 messages):
-  add email worker processes before adding threads.
 """
 
 
