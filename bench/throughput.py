@@ -70,15 +70,32 @@ class Config:
 
 def stock_config() -> Config:
     """Stock Celery: `celery -A app worker`, every default."""
-    return Config("stock Celery defaults", "stock", [["-n", "stock@%h", "-l", "WARNING"]], queue="celery",
-                  acks_late=False)
+    return Config(
+        "stock Celery defaults",
+        "stock",
+        [["-n", "stock@%h", "-l", "WARNING"]],
+        queue="celery",
+        acks_late=False,
+    )
 
 
 def proj_worker(name: str, pool: str, concurrency: int, *extra: str, include: str = "") -> list[str]:
     """One proj worker consuming the short-task queue, with the benchmark tasks loaded."""
     modules = ",".join(filter(None, (BENCH_TASKS, include)))
-    return ["-Q", "default", "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h", *PROJ_FLAGS,
-            "-I", modules, *extra]
+    return [
+        "-Q",
+        "default",
+        "-P",
+        pool,
+        "-c",
+        str(concurrency),
+        "-n",
+        f"{name}@%h",
+        *PROJ_FLAGS,
+        "-I",
+        modules,
+        *extra,
+    ]
 
 
 PROCFILE = common.ROOT / "Procfile"
@@ -98,12 +115,16 @@ def procfile_workers() -> dict[str, list[str]]:
 
 def production_config() -> Config:
     """Every Procfile worker that consumes `default` (the short-task queue), benchmark tasks loaded."""
-    workers = [[*args, "-I", BENCH_TASKS] for args in procfile_workers().values()
-               if "default" in args[args.index("-Q") + 1].split(",")]
+    workers = [
+        [*args, "-I", BENCH_TASKS]
+        for args in procfile_workers().values()
+        if "default" in args[args.index("-Q") + 1].split(",")
+    ]
     return Config("proj Procfile short-task workers", "proj", workers)
 
 
 # --- (a) drain -------------------------------------------------------------------------------
+
 
 def _enqueue(config: Config, redis_url: str, n: int) -> list[str]:
     """Pre-enqueue n short tasks with the bulk helper; the ids of the last few."""
@@ -143,8 +164,10 @@ def start_workers(config: Config, redis_url: str, tag: str) -> list[subprocess.P
     """Start the workers of `config` and wait until every one answers a ping."""
     app = _control_app(redis_url)
     env = common.child_env(redis_url, **config.env)
-    procs = [common.spawn(cmd, env, LOGS / f"{tag}-{config.label}-{i}.log")
-             for i, cmd in enumerate(config.commands())]
+    procs = [
+        common.spawn(cmd, env, LOGS / f"{tag}-{config.label}-{i}.log")
+        for i, cmd in enumerate(config.commands())
+    ]
     try:
         common.ping_until_ready(app, _nodes(config))
     except BaseException:
@@ -175,8 +198,12 @@ def drain(config: Config, redis_url: str, n: int) -> dict[str, float]:
         tail = _enqueue(config, redis_url, n)
         started, cpu0 = time.perf_counter(), common.tree_cpu(p.pid for p in procs)
         app.control.add_consumer(config.queue, destination=nodes, reply=False)
-        common.wait_for(lambda: _drained(client, config, tail) and _drained(client, config, tail),
-                        timeout=600, interval=0.005, what=f"{config.label} to drain {n} tasks")
+        common.wait_for(
+            lambda: _drained(client, config, tail) and _drained(client, config, tail),
+            timeout=600,
+            interval=0.005,
+            what=f"{config.label} to drain {n} tasks",
+        )
         elapsed, cpu = time.perf_counter() - started, common.tree_cpu(p.pid for p in procs) - cpu0
         rss = common.tree_rss(p.pid for p in procs)
     finally:
@@ -187,11 +214,18 @@ def drain(config: Config, redis_url: str, n: int) -> dict[str, float]:
 
 # --- (b), (c) producers ------------------------------------------------------------------------
 
+
 def producer(mode: str, app: str, n: int, redis_url: str) -> dict[str, float]:
     """Run bench._producer in a fresh process and return its figures."""
-    out = subprocess.run([sys.executable, "-m", "bench._producer", mode, app, str(n)],
-                         cwd=common.ROOT, env=common.child_env(redis_url), capture_output=True,
-                         text=True, timeout=600, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench._producer", mode, app, str(n)],
+        cwd=common.ROOT,
+        env=common.child_env(redis_url),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     if out.returncode:
         raise RuntimeError(f"bench._producer {mode} {app} failed:\n{out.stderr}")
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -199,6 +233,7 @@ def producer(mode: str, app: str, n: int, redis_url: str) -> dict[str, float]:
 
 
 # --- (d) floor ---------------------------------------------------------------------------------
+
 
 def broker_floor(redis_url: str, n: int) -> list[common.Row]:
     """(d) LPUSH+BRPOP pairs per second from one redis-py connection."""
@@ -210,8 +245,10 @@ def broker_floor(redis_url: str, n: int) -> list[common.Row]:
         client.brpop(["bench.floor"], timeout=1)
     elapsed = time.perf_counter() - started
     client.close()
-    return [common.row("redis-py LPUSH+BRPOP floor", "pairs/s", n / elapsed, "1/s"),
-            common.row("redis-py LPUSH+BRPOP floor", "round trip", elapsed / n * 1e6 / 2, "µs")]
+    return [
+        common.row("redis-py LPUSH+BRPOP floor", "pairs/s", n / elapsed, "1/s"),
+        common.row("redis-py LPUSH+BRPOP floor", "round trip", elapsed / n * 1e6 / 2, "µs"),
+    ]
 
 
 def drain_rows(redis_url: str, n: int) -> tuple[list[common.Row], dict[str, float]]:
@@ -220,11 +257,15 @@ def drain_rows(redis_url: str, n: int) -> tuple[list[common.Row], dict[str, floa
     scenario = f"(a) drain {n:,} short tasks"
     rows = []
     for label, figures in (("stock", stock), ("proj", proj)):
-        rows += [common.row(scenario, f"{label} tasks/s", figures["per_second"], "1/s"),
-                 common.row(scenario, f"{label} CPU per task", figures["cpu_us"], "µs"),
-                 common.row(scenario, f"{label} RSS after the drain", figures["rss"], "MiB")]
-    rows += [common.ratio(scenario, "proj / stock tasks/s", proj["per_second"], stock["per_second"]),
-             common.ratio(scenario, "stock / proj CPU per task", stock["cpu_us"], proj["cpu_us"])]
+        rows += [
+            common.row(scenario, f"{label} tasks/s", figures["per_second"], "1/s"),
+            common.row(scenario, f"{label} CPU per task", figures["cpu_us"], "µs"),
+            common.row(scenario, f"{label} RSS after the drain", figures["rss"], "MiB"),
+        ]
+    rows += [
+        common.ratio(scenario, "proj / stock tasks/s", proj["per_second"], stock["per_second"]),
+        common.ratio(scenario, "stock / proj CPU per task", stock["cpu_us"], proj["cpu_us"]),
+    ]
     return rows, proj
 
 
@@ -245,17 +286,26 @@ def ablations() -> list[Config]:
     base = production_config().workers
     first = base[0]
     return [
-        _variant("kombu's own Redis transport", [_swap(a, "-I", f"{BENCH_TASKS},bench._kombu_transport")
-                                                for a in base]),
-        _variant("task events flushed every loop turn",
-                 [_swap(a, "-I", f"{BENCH_TASKS},bench._per_turn_events") for a in base]),
+        _variant(
+            "kombu's own Redis transport",
+            [_swap(a, "-I", f"{BENCH_TASKS},bench._kombu_transport") for a in base],
+        ),
+        _variant(
+            "task events flushed every loop turn",
+            [_swap(a, "-I", f"{BENCH_TASKS},bench._per_turn_events") for a in base],
+        ),
         _variant("results stored (+ STARTED)", base, task="noop_result"),
-        _variant("-l INFO (a log line per received and per finished task)",
-                 [_swap(a, "-l", "INFO") for a in base]),
-        _variant(f"one prefork worker -c {len(base)}",
-                 [[*_swap(_swap(first, "-P", "prefork"), "-n", "prefork@%h"), "-c", str(len(base))]]),
-        _variant("one threads worker -c 32",
-                 [[*_swap(_swap(first, "-P", "threads"), "-n", "threads@%h"), "-c", "32"]]),
+        _variant(
+            "-l INFO (a log line per received and per finished task)", [_swap(a, "-l", "INFO") for a in base]
+        ),
+        _variant(
+            f"one prefork worker -c {len(base)}",
+            [[*_swap(_swap(first, "-P", "prefork"), "-n", "prefork@%h"), "-c", str(len(base))]],
+        ),
+        _variant(
+            "one threads worker -c 32",
+            [[*_swap(_swap(first, "-P", "threads"), "-n", "threads@%h"), "-c", "32"]],
+        ),
     ]
 
 
@@ -265,10 +315,13 @@ def ablation_rows(redis_url: str, n: int, production: dict[str, float]) -> list[
     for config in ablations():
         figures = drain(config, redis_url, n)
         scenario = f"(a') drain {n:,}, production but {config.label}"
-        rows += [common.row(scenario, "tasks/s", figures["per_second"], "1/s"),
-                 common.row(scenario, "CPU per task", figures["cpu_us"], "µs"),
-                 common.ratio(scenario, "production / this, tasks/s",
-                              production["per_second"], figures["per_second"])]
+        rows += [
+            common.row(scenario, "tasks/s", figures["per_second"], "1/s"),
+            common.row(scenario, "CPU per task", figures["cpu_us"], "µs"),
+            common.ratio(
+                scenario, "production / this, tasks/s", production["per_second"], figures["per_second"]
+            ),
+        ]
     return rows
 
 
@@ -279,14 +332,16 @@ def enqueue_rows(redis_url: str, n: int) -> list[common.Row]:
     bulk = producer("bulk", "proj", n * 4, redis_url)["per_second"]
     kombu = producer("delay", "proj-kombu", n, redis_url)["per_second"]
     scenario = "(b) enqueue from one producer"
-    return [common.row(scenario, "stock .delay()", stock, "1/s"),
-            common.row(scenario, "proj .delay()", delay, "1/s"),
-            common.row(scenario, "proj enqueue_many()", bulk, "1/s"),
-            common.row(scenario, "proj .delay(), kombu's own Redis transport", kombu, "1/s"),
-            common.ratio(scenario, "proj enqueue_many() / proj .delay()", bulk, delay),
-            common.ratio(scenario, "proj enqueue_many() / stock .delay()", bulk, stock),
-            common.ratio(scenario, "proj .delay() / stock .delay()", delay, stock),
-            common.ratio(scenario, "proj .delay() / same with kombu's transport", delay, kombu)]
+    return [
+        common.row(scenario, "stock .delay()", stock, "1/s"),
+        common.row(scenario, "proj .delay()", delay, "1/s"),
+        common.row(scenario, "proj enqueue_many()", bulk, "1/s"),
+        common.row(scenario, "proj .delay(), kombu's own Redis transport", kombu, "1/s"),
+        common.ratio(scenario, "proj enqueue_many() / proj .delay()", bulk, delay),
+        common.ratio(scenario, "proj enqueue_many() / stock .delay()", bulk, stock),
+        common.ratio(scenario, "proj .delay() / stock .delay()", delay, stock),
+        common.ratio(scenario, "proj .delay() / same with kombu's transport", delay, kombu),
+    ]
 
 
 def roundtrip(config: Config, redis_url: str, n: int) -> dict[str, float]:
@@ -304,13 +359,15 @@ def roundtrip_rows(redis_url: str, n: int) -> list[common.Row]:
     stock, proj = roundtrip(stock_config(), redis_url, n), roundtrip(production_config(), redis_url, n)
     started = roundtrip(Config("started", "proj-started", production_config().workers), redis_url, n)
     scenario = f"(c) round trip .delay().get(), {n:,} sequential"
-    return [common.row(scenario, "stock p50", stock["p50"], "µs"),
-            common.row(scenario, "stock p99", stock["p99"], "µs"),
-            common.row(scenario, "proj p50", proj["p50"], "µs"),
-            common.row(scenario, "proj p99", proj["p99"], "µs"),
-            common.row(scenario, "proj p50, STARTED tracked", started["p50"], "µs"),
-            common.ratio(scenario, "proj p50 / stock p50", proj["p50"], stock["p50"]),
-            common.ratio(scenario, "proj p50 with STARTED / stock p50", started["p50"], stock["p50"])]
+    return [
+        common.row(scenario, "stock p50", stock["p50"], "µs"),
+        common.row(scenario, "stock p99", stock["p99"], "µs"),
+        common.row(scenario, "proj p50", proj["p50"], "µs"),
+        common.row(scenario, "proj p99", proj["p99"], "µs"),
+        common.row(scenario, "proj p50, STARTED tracked", started["p50"], "µs"),
+        common.ratio(scenario, "proj p50 / stock p50", proj["p50"], stock["p50"]),
+        common.ratio(scenario, "proj p50 with STARTED / stock p50", started["p50"], stock["p50"]),
+    ]
 
 
 def rss_rows(redis_url: str) -> list[common.Row]:
@@ -327,8 +384,10 @@ def rss_rows(redis_url: str) -> list[common.Row]:
             common.stop(procs)
         pool = args[args.index("-P") + 1] if "-P" in args else "prefork"
         label, scenario = f"{name} ({pool})", "worker RSS, idle after start-up"
-        rows += [common.row(scenario, f"{label} main process", rss["main"], "MiB"),
-                 common.row(scenario, f"{label} pool children", rss["children"], "MiB")]
+        rows += [
+            common.row(scenario, f"{label} main process", rss["main"], "MiB"),
+            common.row(scenario, f"{label} pool children", rss["children"], "MiB"),
+        ]
     return rows
 
 
@@ -336,12 +395,14 @@ def run(redis_url: str, quick: bool = False) -> list[common.Row]:
     """Every throughput and latency scenario, once."""
     n = 2_000 if quick else 10_000
     drained, production = drain_rows(redis_url, n)
-    return [*broker_floor(redis_url, n),
-            *enqueue_rows(redis_url, 1_000 if quick else 5_000),
-            *drained,
-            *ablation_rows(redis_url, n, production),
-            *roundtrip_rows(redis_url, 200 if quick else 1_000),
-            *rss_rows(redis_url)]
+    return [
+        *broker_floor(redis_url, n),
+        *enqueue_rows(redis_url, 1_000 if quick else 5_000),
+        *drained,
+        *ablation_rows(redis_url, n, production),
+        *roundtrip_rows(redis_url, 200 if quick else 1_000),
+        *rss_rows(redis_url),
+    ]
 
 
 if __name__ == "__main__":

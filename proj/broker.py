@@ -132,8 +132,14 @@ class QoS(kombu_redis.QoS):
             return
         delivery = message.delivery_info
         payload = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        writer.send([("MULTI",), ("ZADD", self.unacked_index_key, time.time(), delivery_tag),
-                     ("HSET", self.unacked_key, delivery_tag, payload), ("EXEC",)])
+        writer.send(
+            [
+                ("MULTI",),
+                ("ZADD", self.unacked_index_key, time.time(), delivery_tag),
+                ("HSET", self.unacked_key, delivery_tag, payload),
+                ("EXEC",),
+            ]
+        )
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
@@ -143,8 +149,14 @@ class QoS(kombu_redis.QoS):
         if writer is None:
             super().ack(delivery_tag)
             return
-        writer.send([("MULTI",), ("ZREM", self.unacked_index_key, delivery_tag),
-                     ("HDEL", self.unacked_key, delivery_tag), ("EXEC",)])
+        writer.send(
+            [
+                ("MULTI",),
+                ("ZREM", self.unacked_index_key, delivery_tag),
+                ("HDEL", self.unacked_key, delivery_tag),
+                ("EXEC",),
+            ]
+        )
         virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:

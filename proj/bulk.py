@@ -36,8 +36,9 @@ class _SentEvents:
         self.events.append((kind, fields))
 
 
-def enqueue_many(signatures: Iterable[Signature[Any]], *, app: Celery | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> list[AsyncResult[Any]]:
+def enqueue_many(
+    signatures: Iterable[Signature[Any]], *, app: Celery | None = None, batch_size: int = DEFAULT_BATCH_SIZE
+) -> list[AsyncResult[Any]]:
     """Publish every signature as `.apply_async()` would, in pipelined batches; their results.
 
     Raises:
@@ -60,8 +61,9 @@ def enqueue_many(signatures: Iterable[Signature[Any]], *, app: Celery | None = N
     return results
 
 
-def _publish(sig: Signature[Any], producer: Any, declared: set[tuple[str, str]],
-             sent: _SentEvents) -> AsyncResult[Any]:
+def _publish(
+    sig: Signature[Any], producer: Any, declared: set[tuple[str, str]], sent: _SentEvents
+) -> AsyncResult[Any]:
     """Publish one signature; its queue is declared with the first message that goes there."""
     if "countdown" in sig.options or "eta" in sig.options:
         # Delayed messages take the task's own path: DelayedTask parks long delays outside the

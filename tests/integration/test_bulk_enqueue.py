@@ -58,8 +58,9 @@ def test_task_sent_events_reach_monitors(celery_app, redis_client):
 
 
 def test_a_long_countdown_is_parked_outside_the_broker_as_with_delay(celery_app, redis_client):
-    mail = celery_app.signature("tasks.email.send_email", kwargs={"to": "a@example.com", "subject": "s"},
-                                countdown=3600)
+    mail = celery_app.signature(
+        "tasks.email.send_email", kwargs={"to": "a@example.com", "subject": "s"}, countdown=3600
+    )
     [result] = enqueue_many([mail, celery_app.signature(CANARY)])[:1]
     assert redis_client.llen("email") == 0 and redis_client.llen("default") == 1
     parked = [json.loads(member) for member in redis_client.zrange("proj:delayed", 0, -1)]
