@@ -1,14 +1,15 @@
 """Email throughput: a naive Celery setup against proj's email worker, to an SMTP server that answers slowly.
 
-The SMTP server (`python -m proj.devsmtp --delay 0.02`, its own process) waits 20 ms before every
-RCPT and DATA reply, as a real MTA doing DNS and spam checks would. Tasks are enqueued first and the
-worker started afterwards; the rate is measured between the first and the last stored message.
+The SMTP server (`python -m bench._smtp_sink --delay 0.02`, its own process) waits 20 ms before
+every reply, as a real MTA doing DNS and spam checks would, and only counts what it receives, so
+the CPU it burns is small next to the client's. Tasks are enqueued first and the worker started
+afterwards; the rate is measured between the first and the last received message.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,24 +25,29 @@ from bench import common
 MESSAGES = 2000
 QUICK_MESSAGES = 200
 DELAY = 0.02
-# Replies the server delays per message on a reused connection: RCPT and DATA.
-DELAYED_REPLIES = 2
+# Replies per message, each delayed: MAIL, RCPT, DATA (354) and the end of data (250) on a reused
+# connection; a connection per message adds the greeting, EHLO and QUIT.
+REUSED_REPLIES = 4
+FRESH_REPLIES = REUSED_REPLIES + 3
 EMAIL_THREADS = 32  # the email worker of the local stack (Procfile)
 BULK_CONNECTIONS = 32
 LOGS = Path(tempfile.gettempdir()) / "proj-bench-email"
 
 NOTES = f"""\
-- SMTP server: `python -m proj.devsmtp --delay {DELAY}` in its own process, storing every message
-  as a file; it waits {DELAY * 1000:.0f} ms before each RCPT and DATA reply, so one connection can
-  carry at most 1 / ({DELAYED_REPLIES} x {DELAY}) = {1 / (DELAYED_REPLIES * DELAY):.0f} messages/s.
-  The bound of a setup is that times its parallel connections (processes, threads or bulk chunks).
+- SMTP server: `python -m bench._smtp_sink --delay {DELAY}` in its own process: a minimal asyncio
+  SMTP server that waits {DELAY * 1000:.0f} ms before every reply (greeting, EHLO, MAIL, RCPT, DATA's
+  354 and the final 250, QUIT) and counts messages and distinct Message-IDs instead of storing
+  them (the run checks that proj delivered each message exactly once). A reused connection
+  carries at most 1 / ({REUSED_REPLIES} x {DELAY}) = {1 / (REUSED_REPLIES * DELAY):.1f} messages/s, a
+  connection per message 1 / ({FRESH_REPLIES} x {DELAY}) = {1 / (FRESH_REPLIES * DELAY):.1f}. The bound of a
+  setup is that times its parallel connections (processes, threads or bulk connections).
 - Naive: `bench/_naive_email.py`, a stock `Celery()` app whose task opens one SMTP connection per
   message, run by `celery -A bench._naive_email worker` with every default (prefork, one process
   per core).
-- proj: `celery -A proj worker -Q email,email_bulk -P threads -c {EMAIL_THREADS}` (the local
-  stack's email worker); `send_email` reuses one connection per thread and records each message
-  in the idempotency ledger before and after the SMTP transaction (three Redis round trips);
-  `send_bulk` sends all messages in one task over {BULK_CONNECTIONS} connections at a time
+- proj: `celery -A proj worker -Q email,email_bulk -P threads -c {EMAIL_THREADS}` (the Procfile's
+  email worker, at log level WARNING); `send_email` reuses one connection per thread and records each
+  message in the idempotency ledger before and after the SMTP transaction; `send_bulk` sends all
+  messages in one task over {BULK_CONNECTIONS} connections at a time
   (`EMAIL_BULK_CONNECTIONS={BULK_CONNECTIONS}`), each carrying a chunk of up to 50 messages.
 - Peak RSS: the worker's whole process tree, sampled every 0.1 s during the run.
 """
@@ -55,6 +61,7 @@ class Setup:
     worker: list[str]
     enqueue: Callable[[int], None]
     connections: int
+    replies: int = REUSED_REPLIES
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -90,18 +97,18 @@ def setups() -> list[Setup]:
             "--without-mingle", "--without-gossip", "-l", "WARNING"]
     return [
         Setup("naive: stock prefork, connection per message", ["-l", "WARNING"], _naive_enqueue,
-              os.cpu_count() or 1),
+              os.cpu_count() or 1, FRESH_REPLIES),
         Setup("proj email worker: send_email", proj, _proj_enqueue, EMAIL_THREADS),
         Setup("proj email worker: send_bulk", proj, _bulk_enqueue, BULK_CONNECTIONS,
-              {"EMAIL_BULK_CONNECTIONS": str(BULK_CONNECTIONS)}),
+              env={"EMAIL_BULK_CONNECTIONS": str(BULK_CONNECTIONS)}),
     ]
 
 
-def _start_smtp(mail_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def _start_smtp(stats: Path) -> tuple[subprocess.Popen[bytes], int]:
     """The slow SMTP server in its own process, ready to accept connections."""
     port = common.free_port()
-    cmd = [sys.executable, "-m", "proj.devsmtp", "--port", str(port), "--delay", str(DELAY),
-           "--mail-dir", str(mail_dir)]
+    cmd = [sys.executable, "-m", "bench._smtp_sink", "--port", str(port), "--delay", str(DELAY),
+           "--stats", str(stats)]
     proc = common.spawn(cmd, dict(os.environ), LOGS / "smtp.log")
 
     def accepting() -> bool:
@@ -113,47 +120,57 @@ def _start_smtp(mail_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def _measure(setup: Setup, redis_url: str, n: int) -> dict[str, float]:
-    """Enqueue n messages, start the worker, wait for n stored messages: rate and peak RSS."""
-    mail_dir = Path(tempfile.mkdtemp(prefix="bench-mail-"))
-    smtp, port = _start_smtp(mail_dir)
-    app = "bench._naive_email" if setup.label.startswith("naive") else "proj"
+    """Enqueue n messages, start the worker, wait for n received messages: rate and peak RSS."""
+    stats = Path(tempfile.mkdtemp(prefix="bench-mail-")) / "stats.json"
+    smtp, port = _start_smtp(stats)
+    naive = setup.label.startswith("naive")
     env = common.child_env(redis_url, SMTP_HOST="127.0.0.1", SMTP_PORT=str(port), **setup.env)
     worker = None
     try:
         setup.enqueue(n)
-        worker = common.spawn(common.celery_worker(app, *setup.worker), env, LOGS / "worker.log")
-        peak = _wait_for_messages(mail_dir, n, worker.pid)
-        stamps = sorted(e.stat().st_mtime for e in os.scandir(mail_dir) if e.name.endswith(".eml"))
-        return {"rate": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "rss": peak}
+        worker = common.spawn(common.celery_worker("bench._naive_email" if naive else "proj", *setup.worker),
+                              env, LOGS / "worker.log")
+        peak = _wait_for_messages(stats, n, worker.pid)
     finally:
         common.stop([p for p in (worker, smtp) if p is not None])
-        shutil.rmtree(mail_dir, ignore_errors=True)
+    counts = _read(stats)
+    if counts["messages"] != n or (not naive and counts["message_ids"] != n):
+        raise RuntimeError(f"expected {n} messages once each, the server counted {counts}")
+    return {"rate": (n - 1) / (counts["last"] - counts["first"]), "rss": peak}
 
 
-def _wait_for_messages(mail_dir: Path, n: int, pid: int, timeout: float = 600) -> float:
-    """Poll until n messages are stored; return the worker tree's peak RSS in MiB meanwhile."""
+def _read(stats: Path) -> dict[str, float]:
+    try:
+        return dict(json.loads(stats.read_text()))
+    except (OSError, ValueError):  # not written yet
+        return {"messages": 0, "message_ids": 0, "first": 0.0, "last": 0.0}
+
+
+def _wait_for_messages(stats: Path, n: int, pid: int, timeout: float = 600) -> float:
+    """Poll until n messages arrived; return the worker tree's peak RSS in MiB meanwhile."""
     deadline, peak = time.monotonic() + timeout, 0.0
-    while sum(1 for e in os.scandir(mail_dir) if e.name.endswith(".eml")) < n:
+    while _read(stats)["messages"] < n:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only part of {n} messages arrived in {timeout}s; see {LOGS}")
         peak = max(peak, common.tree_rss([pid])["total"])
         time.sleep(0.1)
+    time.sleep(0.5)  # a duplicate would arrive now
     return peak
 
 
 def run(redis_url: str, quick: bool = False) -> list[common.Row]:
     """Every setup on the same Redis and the same slow SMTP server; ratios against the naive one."""
     n = QUICK_MESSAGES if quick else MESSAGES
-    per_connection = 1 / (DELAYED_REPLIES * DELAY)
     rows: list[common.Row] = []
     baseline = 0.0
     for setup in setups():
         common.flush(redis_url)
         measured = _measure(setup, redis_url, n)
+        per_connection = 1 / (setup.replies * DELAY)
         bound = setup.connections * per_connection
         rows += [
             common.row(setup.label, "messages per second", measured["rate"], "msg/s"),
-            common.row(setup.label, f"bound: {setup.connections} connections x {per_connection:.0f}/s",
+            common.row(setup.label, f"bound: {setup.connections} connections x {per_connection:.1f}/s",
                        bound, "msg/s"),
             common.row(setup.label, "fraction of the bound", 100 * measured["rate"] / bound, "%"),
             common.row(setup.label, "worker peak RSS", measured["rss"], "MiB"),

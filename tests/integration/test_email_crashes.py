@@ -20,6 +20,8 @@ EMAIL_QUEUES = "email,email_bulk"
 # A killed worker's messages come back after the visibility timeout: short here, minutes in production.
 FAST_REDELIVERY = {"TASK_TIME_LIMIT": "4", "TASK_SOFT_TIME_LIMIT": "3", "BROKER_MAX_COUNTDOWN": "1",
                    "BROKER_VISIBILITY_TIMEOUT": "6", "BROKER_RESTORE_INTERVAL": "1"}
+# Bound of the waits on a loaded CI machine (2 busy cores): generous, since each ends on a condition.
+SLOW_MACHINE = 180
 
 
 def test_worker_killed_after_the_server_accepted_but_before_the_ack_does_not_resend(
@@ -63,20 +65,23 @@ def _done(backend, task_id):
 def test_500_messages_through_two_workers_one_sigkilled_arrive_exactly_once(start_worker, smtp_server):
     from tasks.email import send_email
 
-    env = {**smtp_env(smtp_server), **FAST_REDELIVERY}
+    # Held clients must not give up while a loaded machine takes its time: SMTP_TIMEOUT outlasts
+    # every wait below, so nobody leaves the transaction before the kill.
+    env = {**smtp_env(smtp_server), **FAST_REDELIVERY, "SMTP_TIMEOUT": str(2 * SLOW_MACHINE)}
     doomed = start_worker(EMAIL_QUEUES, env=env, concurrency=4)
     start_worker(EMAIL_QUEUES, env=env, concurrency=4)
     handler = smtp_server.handler
     results = [send_email.delay(to=f"user{i}@example.com", subject=f"n{i}", text="t",
                                 idempotency_key=f"five-hundred-{i}") for i in range(500)]
-    wait_for(lambda: len(handler.received) >= 150, timeout=60, what="a third of the messages")
+    wait_for(lambda: len(handler.received) >= 150, timeout=SLOW_MACHINE, what="a third of the messages")
     # Kill mid-run while every sending thread waits for an RCPT reply, i.e. inside SMTP transactions.
     handler.hold_rcpt.set()
-    wait_for(lambda: handler.held >= 8, what="both workers' threads inside a transaction")
+    wait_for(lambda: handler.held >= 8, timeout=SLOW_MACHINE,
+             what="both workers' threads inside a transaction")
     doomed.kill()
     handler.hold_rcpt.clear()
 
-    values = [r.get(timeout=90) for r in results]
+    values = [r.get(timeout=SLOW_MACHINE) for r in results]
     counts = Counter(r.message["Message-ID"] for r in handler.received)
     expected = {message_id_for(f"five-hundred-{i}", Settings()) for i in range(500)}
     assert set(counts) == expected
