@@ -101,6 +101,8 @@ async def serve(host: str, port: int, delay: float, stats_file: Path) -> None:
             await _session(reader, writer, delay, stats)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
+        except asyncio.CancelledError:  # shutting down with clients still connected
+            pass
         finally:
             writer.close()
 

@@ -7,7 +7,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
@@ -166,7 +166,7 @@ def _with_key(request: EmailRequest, key: str | None) -> EmailRequest:
         key = "auto:" + hashlib.sha256(body.encode()).hexdigest()
     elif not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
         raise InvalidEmailError(f"idempotency_key: 1 to {MAX_KEY_LENGTH} printable characters")
-    return EmailRequest(**{**asdict(request), "idempotency_key": key})
+    return replace(request, idempotency_key=key)
 
 
 def message_id_for(key: str, settings: Settings) -> str:
