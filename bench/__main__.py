@@ -52,6 +52,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="report path (default: docs/benchmarks.md for a full run, else bench/out/benchmarks.md)",
     )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="measure nothing: rewrite the report from the raw figures of an earlier run "
+        "(bench/out/results.json) and the current bench/notes/",
+    )
     return parser.parse_args(argv)
 
 
@@ -143,6 +151,12 @@ def render(sections: list[dict[str, Any]], context: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Start Redis, run the topics, write the report; non-zero exit if a topic failed."""
     args = parse_args(argv)
+    if args.render:
+        raw = json.loads(args.render.read_text())
+        out = args.out or DEFAULT_OUT
+        out.write_text(render(raw["sections"], raw["context"]))
+        print(f"bench: wrote {out} from {args.render}")
+        return 0
     topics = args.topics or discover()
     full = not args.topics and not args.quick
     out = args.out or (DEFAULT_OUT if full else SCRATCH_OUT)
