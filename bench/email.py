@@ -33,21 +33,23 @@ EMAIL_THREADS = 32  # the email worker of the local stack (Procfile)
 BULK_CONNECTIONS = 32
 LOGS = Path(tempfile.gettempdir()) / "proj-bench-email"
 
+_PER_REUSED = f"1 / ({REUSED_REPLIES} x {DELAY}) = {1 / (REUSED_REPLIES * DELAY):.1f} messages/s"
+_PER_FRESH = f"1 / ({FRESH_REPLIES} x {DELAY}) = {1 / (FRESH_REPLIES * DELAY):.1f}"
+
 NOTES = f"""\
 - SMTP server: `python -m bench._smtp_sink --delay {DELAY}` in its own process: a minimal asyncio
-  SMTP server that waits {DELAY * 1000:.0f} ms before every reply (greeting, EHLO, MAIL, RCPT, DATA's
-  354 and the final 250, QUIT) and counts messages and distinct Message-IDs instead of storing
-  them (the run checks that proj delivered each message exactly once). A reused connection
-  carries at most 1 / ({REUSED_REPLIES} x {DELAY}) = {1 / (REUSED_REPLIES * DELAY):.1f} messages/s, a
-  connection per message 1 / ({FRESH_REPLIES} x {DELAY}) = {1 / (FRESH_REPLIES * DELAY):.1f}. The bound of a
-  setup is that times its parallel connections (processes, threads or bulk connections).
+  SMTP server that waits {DELAY * 1000:.0f} ms before every reply (greeting, EHLO, MAIL, RCPT, DATA's 354
+  and the final 250, QUIT) and counts messages and distinct Message-IDs instead of storing them
+  (the run checks that proj delivered each message exactly once). A reused connection carries
+  at most {_PER_REUSED}, a connection per message {_PER_FRESH}. The bound of
+  a setup is that times its parallel connections (processes, threads or bulk connections).
 - Naive: `bench/_naive_email.py`, a stock `Celery()` app whose task opens one SMTP connection per
   message, run by `celery -A bench._naive_email worker` with every default (prefork, one process
   per core).
 - proj: `celery -A proj worker -Q email,email_bulk -P threads -c {EMAIL_THREADS}` (the Procfile's
-  email worker, at log level WARNING); `send_email` reuses one connection per thread and records each
-  message in the idempotency ledger before and after the SMTP transaction; `send_bulk` sends all
-  messages in one task over {BULK_CONNECTIONS} connections at a time
+  email worker, at log level WARNING); `send_email` reuses one connection per thread and records
+  each message in the idempotency ledger before and after the SMTP transaction; `send_bulk`
+  sends all messages in one task over {BULK_CONNECTIONS} connections at a time
   (`EMAIL_BULK_CONNECTIONS={BULK_CONNECTIONS}`), each carrying a chunk of up to 50 messages.
 - Peak RSS: the worker's whole process tree, sampled every 0.1 s during the run.
 """
