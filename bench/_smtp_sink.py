@@ -55,8 +55,16 @@ class Stats:
     def write(self, path: Path) -> None:
         """Atomically replace `path` with the counts as JSON."""
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"messages": self.messages, "message_ids": len(self.ids),
-                                   "first": self.first, "last": self.last}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "messages": self.messages,
+                    "message_ids": len(self.ids),
+                    "first": self.first,
+                    "last": self.last,
+                }
+            )
+        )
         os.replace(tmp, path)
 
 
@@ -73,8 +81,9 @@ async def _data(reader: asyncio.StreamReader) -> bytes:
     return b"".join(lines)
 
 
-async def _session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float,
-                   stats: Stats) -> None:
+async def _session(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float, stats: Stats
+) -> None:
     """One SMTP connection, one command at a time, each reply after the delay."""
     await _reply(writer, delay, b"220 sink ESMTP\r\n")
     while line := await reader.readline():

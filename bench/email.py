@@ -72,8 +72,11 @@ def _naive_enqueue(n: int) -> None:
 
     with app.producer_or_acquire() as producer:
         for i in range(n):
-            app.send_task("bench._naive_email.send_email", kwargs={
-                "to": f"user{i}@example.com", "subject": f"Message {i}", "text": "Hello"}, producer=producer)
+            app.send_task(
+                "bench._naive_email.send_email",
+                kwargs={"to": f"user{i}@example.com", "subject": f"Message {i}", "text": "Hello"},
+                producer=producer,
+            )
 
 
 def _proj_enqueue(n: int) -> None:
@@ -81,8 +84,11 @@ def _proj_enqueue(n: int) -> None:
 
     with app.producer_or_acquire() as producer:
         for i in range(n):
-            app.send_task("tasks.email.send_email", kwargs={
-                "to": f"user{i}@example.com", "subject": f"Message {i}", "text": "Hello"}, producer=producer)
+            app.send_task(
+                "tasks.email.send_email",
+                kwargs={"to": f"user{i}@example.com", "subject": f"Message {i}", "text": "Hello"},
+                producer=producer,
+            )
 
 
 def _bulk_enqueue(n: int) -> None:
@@ -95,22 +101,53 @@ def _bulk_enqueue(n: int) -> None:
 
 def setups() -> list[Setup]:
     """The naive baseline first: ratios are against it."""
-    proj = ["-Q", "email,email_bulk", "-P", "threads", "-c", str(EMAIL_THREADS), "-n", "email@%h",
-            "--without-mingle", "--without-gossip", "-l", "WARNING"]
+    proj = [
+        "-Q",
+        "email,email_bulk",
+        "-P",
+        "threads",
+        "-c",
+        str(EMAIL_THREADS),
+        "-n",
+        "email@%h",
+        "--without-mingle",
+        "--without-gossip",
+        "-l",
+        "WARNING",
+    ]
     return [
-        Setup("naive: stock prefork, connection per message", ["-l", "WARNING"], _naive_enqueue,
-              os.cpu_count() or 1, FRESH_REPLIES),
+        Setup(
+            "naive: stock prefork, connection per message",
+            ["-l", "WARNING"],
+            _naive_enqueue,
+            os.cpu_count() or 1,
+            FRESH_REPLIES,
+        ),
         Setup("proj email worker: send_email", proj, _proj_enqueue, EMAIL_THREADS),
-        Setup("proj email worker: send_bulk", proj, _bulk_enqueue, BULK_CONNECTIONS,
-              env={"EMAIL_BULK_CONNECTIONS": str(BULK_CONNECTIONS)}),
+        Setup(
+            "proj email worker: send_bulk",
+            proj,
+            _bulk_enqueue,
+            BULK_CONNECTIONS,
+            env={"EMAIL_BULK_CONNECTIONS": str(BULK_CONNECTIONS)},
+        ),
     ]
 
 
 def _start_smtp(stats: Path) -> tuple[subprocess.Popen[bytes], int]:
     """The slow SMTP server in its own process, ready to accept connections."""
     port = common.free_port()
-    cmd = [sys.executable, "-m", "bench._smtp_sink", "--port", str(port), "--delay", str(DELAY),
-           "--stats", str(stats)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench._smtp_sink",
+        "--port",
+        str(port),
+        "--delay",
+        str(DELAY),
+        "--stats",
+        str(stats),
+    ]
     proc = common.spawn(cmd, dict(os.environ), LOGS / "smtp.log")
 
     def accepting() -> bool:
@@ -130,8 +167,11 @@ def _measure(setup: Setup, redis_url: str, n: int) -> dict[str, float]:
     worker = None
     try:
         setup.enqueue(n)
-        worker = common.spawn(common.celery_worker("bench._naive_email" if naive else "proj", *setup.worker),
-                              env, LOGS / "worker.log")
+        worker = common.spawn(
+            common.celery_worker("bench._naive_email" if naive else "proj", *setup.worker),
+            env,
+            LOGS / "worker.log",
+        )
         peak = _wait_for_messages(stats, n, worker.pid)
     finally:
         common.stop([p for p in (worker, smtp) if p is not None])
@@ -172,8 +212,12 @@ def run(redis_url: str, quick: bool = False) -> list[common.Row]:
         bound = setup.connections * per_connection
         rows += [
             common.row(setup.label, "messages per second", measured["rate"], "msg/s"),
-            common.row(setup.label, f"bound: {setup.connections} connections x {per_connection:.1f}/s",
-                       bound, "msg/s"),
+            common.row(
+                setup.label,
+                f"bound: {setup.connections} connections x {per_connection:.1f}/s",
+                bound,
+                "msg/s",
+            ),
             common.row(setup.label, "fraction of the bound", 100 * measured["rate"] / bound, "%"),
             common.row(setup.label, "worker peak RSS", measured["rss"], "MiB"),
         ]

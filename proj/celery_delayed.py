@@ -66,22 +66,36 @@ def _delay_of(options: dict[str, Any]) -> float:
 class DelayedTask(Task):  # type: ignore[type-arg]
     """Base for tasks whose retries may wait long: such delays never sit in the broker."""
 
-    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
-                    producer: Any = None, link: Any = None, link_error: Any = None,
-                    shadow: str | None = None, **options: Any) -> Any:
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> Any:
         """Publish as usual, or into the delayed set when the delay exceeds broker_max_countdown."""
         limit = float(self.app.conf.get("broker_max_countdown", 30))
         if producer is not None or _delay_of(options) <= limit:
             return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
-        conn = Connection(self.app.conf.broker_url, transport=_ParkingTransport,
-                          transport_options=dict(self.app.conf.broker_transport_options or {}))
+        conn = Connection(
+            self.app.conf.broker_url,
+            transport=_ParkingTransport,
+            transport_options=dict(self.app.conf.broker_transport_options or {}),
+        )
         with conn:
             parking = Producer(conn.default_channel)
             return super().apply_async(args, kwargs, task_id, parking, link, link_error, shadow, **options)
 
 
-def reschedule(task: Task,  # type: ignore[type-arg]
-               countdown: float, reason: str) -> NoReturn:
+def reschedule(
+    task: Task,  # type: ignore[type-arg]
+    countdown: float,
+    reason: str,
+) -> NoReturn:
     """Run this task again in `countdown` seconds without counting a retry (rate limits, not faults)."""
     request = task.request
     signature = task.signature_from_request(request, countdown=countdown, retries=request.retries)

@@ -50,8 +50,13 @@ def _table(letters: list[DeadLetter], total: int) -> Table:
         table.add_column(column)
     for letter in letters:
         when = dt.datetime.fromtimestamp(letter.failed_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(when, letter.task_id, letter.task_name, letter.queue or "-",
-                      f"{letter.exc_type}: {letter.message}"[:120])
+        table.add_row(
+            when,
+            letter.task_id,
+            letter.task_name,
+            letter.queue or "-",
+            f"{letter.exc_type}: {letter.message}"[:120],
+        )
     return table
 
 

@@ -56,6 +56,13 @@ class DelayedSet:
         for member, score in self.client.zrange(self.key, 0, -1, withscores=True):
             item = json.loads(member)
             headers = json.loads(item["m"]).get("headers", {})
-            items.append({"queue": item["q"], "due": score, "task": headers.get("task"),
-                          "id": headers.get("id"), "retries": headers.get("retries")})
+            items.append(
+                {
+                    "queue": item["q"],
+                    "due": score,
+                    "task": headers.get("task"),
+                    "id": headers.get("id"),
+                    "retries": headers.get("retries"),
+                }
+            )
         return items

@@ -66,8 +66,9 @@ class MailSink:
         """Answer the next DATA commands with these replies ("451 ...", "550 ...", or DISCONNECT)."""
         self.data_replies.extend(replies)
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
         """Accept a recipient unless a reply was scripted for it."""
         await self._pause()
         await self._hold()
@@ -123,8 +124,9 @@ class _Authenticator:
     def __init__(self, username: str, password: str) -> None:
         self._expected = (username.encode(), password.encode())
 
-    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str,
-                 auth_data: Any) -> AuthResult:
+    def __call__(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
         ok = isinstance(auth_data, LoginPassword) and (
             (auth_data.login, auth_data.password) == self._expected
         )
@@ -132,9 +134,15 @@ class _Authenticator:
         return AuthResult(success=ok, handled=ok, auth_data=auth_data)
 
 
-def start(handler: MailSink, host: str = "127.0.0.1", port: int = 1025, *,
-          tls_context: ssl.SSLContext | None = None, require_starttls: bool = False,
-          auth: tuple[str, str] | None = None) -> Controller:
+def start(
+    handler: MailSink,
+    host: str = "127.0.0.1",
+    port: int = 1025,
+    *,
+    tls_context: ssl.SSLContext | None = None,
+    require_starttls: bool = False,
+    auth: tuple[str, str] | None = None,
+) -> Controller:
     """Start the server in a background thread and return its controller."""
     kwargs: dict[str, Any] = {"tls_context": tls_context, "require_starttls": require_starttls}
     if auth is not None:

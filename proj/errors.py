@@ -1,17 +1,17 @@
 """The two-branch error hierarchy that decides whether a task is retried.
 
-    ProjError
-    ├── TransientError            retried with backoff (SMTP 4xx, connection trouble, storage down)
-    │   ├── StorageUnavailableError   the storage root cannot be read or written right now
-    │   ├── EmailDeliveryError    SMTP 4xx, refused/reset connections, timeouts, TLS handshakes
-    │   └── RateLimitedError      a recipient domain is over its limit; re-scheduled, not retried
-    └── PermanentError            never retried; recorded as a dead letter
-        ├── ConfigurationError    a setting is missing or malformed
-        ├── InvalidEmailError     bad address, header, template, context or attachment
-        ├── EmailRejectedError    the SMTP server answered 5xx
-        ├── UnsafePathError       a key or archive member would leave the storage root
-        ├── FileNotFoundForProcessing   the file is missing or empty
-        └── InvalidFileError      corrupt, truncated, unsupported or over a limit (bombs)
+ProjError
+├── TransientError            retried with backoff (SMTP 4xx, connection trouble, storage down)
+│   ├── StorageUnavailableError   the storage root cannot be read or written right now
+│   ├── EmailDeliveryError    SMTP 4xx, refused/reset connections, timeouts, TLS handshakes
+│   └── RateLimitedError      a recipient domain is over its limit; re-scheduled, not retried
+└── PermanentError            never retried; recorded as a dead letter
+    ├── ConfigurationError    a setting is missing or malformed
+    ├── InvalidEmailError     bad address, header, template, context or attachment
+    ├── EmailRejectedError    the SMTP server answered 5xx
+    ├── UnsafePathError       a key or archive member would leave the storage root
+    ├── FileNotFoundForProcessing   the file is missing or empty
+    └── InvalidFileError      corrupt, truncated, unsupported or over a limit (bombs)
 """
 
 from __future__ import annotations

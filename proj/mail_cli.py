@@ -33,7 +33,10 @@ def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise InvalidEmailError(f"--context is not JSON: {exc}") from None
     kwargs: dict[str, Any] = {
-        "to": args.to, "cc": args.cc, "bcc": args.bcc, "attachments": args.attach,
+        "to": args.to,
+        "cc": args.cc,
+        "bcc": args.bcc,
+        "attachments": args.attach,
         "idempotency_key": args.idempotency_key,
     }
     if args.template:

@@ -104,7 +104,8 @@ class Settings:
             email_rate_limits=env.get("EMAIL_RATE_LIMITS", ""),
             email_retry_backoff_max=_int(env, "EMAIL_RETRY_BACKOFF_MAX", cls.email_retry_backoff_max),
             email_max_attachment_bytes=_int(
-                env, "EMAIL_MAX_ATTACHMENT_BYTES", cls.email_max_attachment_bytes),
+                env, "EMAIL_MAX_ATTACHMENT_BYTES", cls.email_max_attachment_bytes
+            ),
             email_bulk_chunk_size=_int(env, "EMAIL_BULK_CHUNK_SIZE", cls.email_bulk_chunk_size),
             email_bulk_connections=_int(env, "EMAIL_BULK_CONNECTIONS", cls.email_bulk_connections),
             email_ledger_ttl=_int(env, "EMAIL_LEDGER_TTL", cls.email_ledger_ttl),

@@ -25,8 +25,15 @@ def _store() -> DeadLetterStore:
 
 
 @task_failure.connect
-def record_dead_letter(sender: Any = None, task_id: str = "", exception: BaseException | None = None,
-                       args: Any = None, kwargs: Any = None, einfo: Any = None, **_: Any) -> None:
+def record_dead_letter(
+    sender: Any = None,
+    task_id: str = "",
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    einfo: Any = None,
+    **_: Any,
+) -> None:
     """Keep a task that failed for good (after its retries) so `proj dlq replay` can run it again."""
     request = getattr(sender, "request", None)
     letter = DeadLetter(

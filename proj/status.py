@@ -55,8 +55,9 @@ def _age(raw: bytes | None, now: float) -> float | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the status options."""
-    parser.add_argument("--probe", action="store_true",
-                        help="send tasks.health.canary to every queue and time the answer")
+    parser.add_argument(
+        "--probe", action="store_true", help="send tasks.health.canary to every queue and time the answer"
+    )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for workers and probes")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
@@ -112,12 +113,16 @@ def _print(console: Console, report: dict[str, Any]) -> None:
     for stat in report["queues"]:
         age = "-" if stat["oldest_age"] is None else f"{stat['oldest_age']:.1f}s"
         probe = probes.get(stat["name"])
-        shown = "" if probe is None else (
-            f"{probe['seconds'] * 1000:.0f} ms by {probe['worker']}" if probe["ok"] else probe["error"])
+        shown = (
+            ""
+            if probe is None
+            else (f"{probe['seconds'] * 1000:.0f} ms by {probe['worker']}" if probe["ok"] else probe["error"])
+        )
         queues.add_row(stat["name"], str(stat["depth"]), age, shown)
     console.print(queues)
-    console.print(f"Delivered but not yet acknowledged: {report['unacked']}   "
-                  f"Dead letters: {report['dead_letters']}")
+    console.print(
+        f"Delivered but not yet acknowledged: {report['unacked']}   Dead letters: {report['dead_letters']}"
+    )
     workers = Table(title="Workers")
     workers.add_column("worker")
     workers.add_column("consumes")

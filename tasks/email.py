@@ -26,19 +26,46 @@ BULK_MAX_ROUNDS = 8
 
 # track_started off: a send takes milliseconds, and the extra STARTED result write cost ~20 % of
 # throughput (docs/benchmarks.md); Flower still gets the task-started event.
-@app.task(bind=True, base=DelayedTask, track_started=False, autoretry_for=(TransientError,),
-          retry_backoff=EMAIL_RETRY_BACKOFF, retry_backoff_max=EMAIL_RETRY_BACKOFF_MAX, retry_jitter=True,
-          max_retries=EMAIL_MAX_RETRIES)
-def send_email(self: DelayedTask, to: str | Sequence[str] = (), subject: str | None = None,
-               text: str | None = None, html: str | None = None, cc: str | Sequence[str] | None = None,
-               bcc: str | Sequence[str] | None = None, reply_to: str | Sequence[str] | None = None,
-               headers: Mapping[str, str] | None = None, attachments: Sequence[str] | None = None,
-               template: str | None = None, context: Mapping[str, Any] | None = None,
-               idempotency_key: str | None = None) -> dict[str, Any]:
+@app.task(
+    bind=True,
+    base=DelayedTask,
+    track_started=False,
+    autoretry_for=(TransientError,),
+    retry_backoff=EMAIL_RETRY_BACKOFF,
+    retry_backoff_max=EMAIL_RETRY_BACKOFF_MAX,
+    retry_jitter=True,
+    max_retries=EMAIL_MAX_RETRIES,
+)
+def send_email(
+    self: DelayedTask,
+    to: str | Sequence[str] = (),
+    subject: str | None = None,
+    text: str | None = None,
+    html: str | None = None,
+    cc: str | Sequence[str] | None = None,
+    bcc: str | Sequence[str] | None = None,
+    reply_to: str | Sequence[str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    attachments: Sequence[str] | None = None,
+    template: str | None = None,
+    context: Mapping[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
     """Send one message exactly once: {"message_id", "accepted", "refused", "duplicate"}."""
-    request = validate(to, subject, text, html, cc=cc, bcc=bcc, reply_to=reply_to, headers=headers,
-                       attachments=attachments, template=template, context=context,
-                       idempotency_key=idempotency_key)
+    request = validate(
+        to,
+        subject,
+        text,
+        html,
+        cc=cc,
+        bcc=bcc,
+        reply_to=reply_to,
+        headers=headers,
+        attachments=attachments,
+        template=template,
+        context=context,
+        idempotency_key=idempotency_key,
+    )
     try:
         return get_mailer().send(request, owner=self.request.id or "direct")
     except RateLimitedError as exc:
@@ -46,22 +73,35 @@ def send_email(self: DelayedTask, to: str | Sequence[str] = (), subject: str | N
 
 
 @app.task(bind=True, base=DelayedTask, max_retries=BULK_MAX_ROUNDS)
-def send_bulk(self: DelayedTask, template: str, recipients: list[dict[str, Any]],
-              idempotency_key: str | None = None) -> dict[str, Any]:
+def send_bulk(
+    self: DelayedTask, template: str, recipients: list[dict[str, Any]], idempotency_key: str | None = None
+) -> dict[str, Any]:
     """Send `template` to each recipient in chunks; PROGRESS shows sent/total; returns the counts."""
     task_id = self.request.id or "direct"
 
     # The PROGRESS meta names the task, worker and queue like the final one (result_extended) but
     # leaves out the recipient list: written per chunk, it cost a sixth of the worker's CPU.
     def progress(meta: dict[str, int]) -> None:
-        request = Context(self.request.__dict__, args=[], kwargs={
-            "template": template, "recipients": len(recipients), "idempotency_key": idempotency_key})
+        request = Context(
+            self.request.__dict__,
+            args=[],
+            kwargs={"template": template, "recipients": len(recipients), "idempotency_key": idempotency_key},
+        )
         self.backend.store_result(task_id, meta, "PROGRESS", request=request)
 
-    done = bulk.run(get_mailer(), template, recipients, idempotency_key, task_id, progress,
-                    last_round=self.request.retries >= BULK_MAX_ROUNDS)
+    done = bulk.run(
+        get_mailer(),
+        template,
+        recipients,
+        idempotency_key,
+        task_id,
+        progress,
+        last_round=self.request.retries >= BULK_MAX_ROUNDS,
+    )
     if done.deferred:
-        backoff = min(EMAIL_RETRY_BACKOFF * 2 ** self.request.retries, EMAIL_RETRY_BACKOFF_MAX)
-        raise self.retry(kwargs={"template": template, "recipients": done.deferred,
-                                 "idempotency_key": done.bulk_key}, countdown=max(done.retry_after, backoff))
+        backoff = min(EMAIL_RETRY_BACKOFF * 2**self.request.retries, EMAIL_RETRY_BACKOFF_MAX)
+        raise self.retry(
+            kwargs={"template": template, "recipients": done.deferred, "idempotency_key": done.bulk_key},
+            countdown=max(done.retry_after, backoff),
+        )
     return done.result

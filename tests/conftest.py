@@ -71,24 +71,41 @@ def files_root(tmp_path: Path) -> Path:
 def worker_env(redis_server: RedisServer, tmp_path: Path, files_root: Path) -> dict[str, str]:
     """The environment a worker subprocess runs with: private Redis, temp storage."""
     env = dict(os.environ)
-    env.update(REDIS_URL=redis_server.url, CELERY_BROKER_URL=redis_server.url,
-               CELERY_RESULT_BACKEND=redis_server.url, FILES_ROOT=str(files_root),
-               PROJ_LOCAL_DIR=str(tmp_path / "local"), PYTHONUNBUFFERED="1")
+    env.update(
+        REDIS_URL=redis_server.url,
+        CELERY_BROKER_URL=redis_server.url,
+        CELERY_RESULT_BACKEND=redis_server.url,
+        FILES_ROOT=str(files_root),
+        PROJ_LOCAL_DIR=str(tmp_path / "local"),
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
 @pytest.fixture
-def start_worker(celery_app: Any, worker_env: dict[str, str],
-                 redis_client: Any) -> Iterator[Callable[..., WorkerProcess]]:
+def start_worker(
+    celery_app: Any, worker_env: dict[str, str], redis_client: Any
+) -> Iterator[Callable[..., WorkerProcess]]:
     """Factory for real `celery -A proj worker` subprocesses; every one is stopped by PID."""
     started: list[WorkerProcess] = []
 
-    def start(queues: str, *, name: str | None = None, pool: str = "threads",
-              concurrency: int = 4, env: dict[str, str] | None = None,
-              extra: tuple[str, ...] = ()) -> WorkerProcess:
-        worker = WorkerProcess(queues=queues, name=name or f"w{len(started)}-{free_port()}",
-                               env={**worker_env, **(env or {})}, pool=pool,
-                               concurrency=concurrency, extra=extra)
+    def start(
+        queues: str,
+        *,
+        name: str | None = None,
+        pool: str = "threads",
+        concurrency: int = 4,
+        env: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> WorkerProcess:
+        worker = WorkerProcess(
+            queues=queues,
+            name=name or f"w{len(started)}-{free_port()}",
+            env={**worker_env, **(env or {})},
+            pool=pool,
+            concurrency=concurrency,
+            extra=extra,
+        )
         started.append(worker)
         return worker.start(celery_app)
 
@@ -104,12 +121,14 @@ def inprocess_worker(celery_app: Any, redis_client: Any) -> Iterator[Any]:
     from celery.contrib.testing.worker import start_worker
 
     queues = [q.name for q in celery_app.conf.task_queues]
-    with start_worker(celery_app, pool="solo", perform_ping_check=False, queues=queues,
-                      shutdown_timeout=20) as worker:
+    with start_worker(
+        celery_app, pool="solo", perform_ping_check=False, queues=queues, shutdown_timeout=20
+    ) as worker:
         yield worker
 
 
 # --- SMTP -------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def smtp_server() -> Iterator[Any]:
@@ -145,8 +164,9 @@ def smtp_server_tls(tls_ca: Any) -> Iterator[Any]:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls_ca.server_cert.configure_cert(context)
     handler = MailSink()
-    controller = start(handler, "127.0.0.1", free_port(), tls_context=context,
-                       require_starttls=True, auth=("user", "secret"))
+    controller = start(
+        handler, "127.0.0.1", free_port(), tls_context=context, require_starttls=True, auth=("user", "secret")
+    )
     controller.handler = handler
     controller.ca_file = tls_ca.ca_file
     yield controller

@@ -28,8 +28,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
-             what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
     """Poll until `predicate()` is truthy and return it; fail with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -81,9 +82,24 @@ class RedisServer:
     def start(self, *extra: str) -> RedisServer:
         """Start the server and wait until it answers PING."""
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no", *extra],
-            stdout=(self.workdir / "redis.log").open("wb"), stderr=subprocess.STDOUT,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--daemonize",
+                "no",
+                *extra,
+            ],
+            stdout=(self.workdir / "redis.log").open("wb"),
+            stderr=subprocess.STDOUT,
         )
         client = redis.Redis.from_url(self.url)
         wait_for(lambda: self._pings(client), timeout=15, what=f"redis-server on {self.port}")
@@ -125,16 +141,39 @@ class WorkerProcess:
         return f"{self.name}@{socket.gethostname()}"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "celery", "-A", "proj", "worker", "-Q", self.queues,
-                "-n", self.nodename, "-P", self.pool, "-c", str(self.concurrency),
-                "--without-mingle", "--without-gossip", "-l", "INFO", *self.extra]
+        return [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "proj",
+            "worker",
+            "-Q",
+            self.queues,
+            "-n",
+            self.nodename,
+            "-P",
+            self.pool,
+            "-c",
+            str(self.concurrency),
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            "INFO",
+            *self.extra,
+        ]
 
     def start(self, app: Any, timeout: float = 40) -> WorkerProcess:
         """Start the worker and wait for its answer to a ping."""
-        self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=self.env,
-                                     stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT)
-        wait_for(lambda: self._answers(app), timeout=timeout, interval=0.2,
-                 what=f"worker {self.nodename} to answer ping")
+        self.proc = subprocess.Popen(
+            self.command(), cwd=ROOT, env=self.env, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT
+        )
+        wait_for(
+            lambda: self._answers(app),
+            timeout=timeout,
+            interval=0.2,
+            what=f"worker {self.nodename} to answer ping",
+        )
         return self
 
     def _answers(self, app: Any) -> bool:

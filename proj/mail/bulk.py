@@ -65,8 +65,13 @@ def prepare(template: str, recipients: Sequence[Any], bulk_key: str, mailer: Mai
             continue
         seen.add(key)
         try:
-            request = validate(to=item["to"], template=template, context=item.get("context") or {},
-                               idempotency_key=key, settings=mailer.settings)
+            request = validate(
+                to=item["to"],
+                template=template,
+                context=item.get("context") or {},
+                idempotency_key=key,
+                settings=mailer.settings,
+            )
         except InvalidEmailError as exc:
             out.failures.append({"to": str(item["to"])[:200], "error": str(exc)})
             continue
@@ -86,8 +91,12 @@ class _Feed:
             return next(self._items, None)
 
 
-def send_round(mailer: Mailer, ready: list[tuple[dict[str, Any], EmailRequest]], owner: str,
-               on_chunk: Callable[[Round], None]) -> Round:
+def send_round(
+    mailer: Mailer,
+    ready: list[tuple[dict[str, Any], EmailRequest]],
+    owner: str,
+    on_chunk: Callable[[Round], None],
+) -> Round:
     """Send every prepared message over up to EMAIL_BULK_CONNECTIONS connections at once.
 
     Each connection carries one chunk (at most EMAIL_BULK_CHUNK_SIZE messages) and is then closed;
@@ -104,8 +113,9 @@ def send_round(mailer: Mailer, ready: list[tuple[dict[str, Any], EmailRequest]],
     return outcome
 
 
-def _send_chunks(mailer: Mailer, feed: _Feed, owner: str, outcome: Round,
-                 on_chunk: Callable[[Round], None]) -> None:
+def _send_chunks(
+    mailer: Mailer, feed: _Feed, owner: str, outcome: Round, on_chunk: Callable[[Round], None]
+) -> None:
     """Send chunks from the feed until it is empty, one SMTP connection per chunk."""
     size = max(1, mailer.settings.email_bulk_chunk_size)
     item = feed.next()
@@ -122,8 +132,14 @@ def _send_chunks(mailer: Mailer, feed: _Feed, owner: str, outcome: Round,
         on_chunk(outcome)
 
 
-def _send_one(mailer: Mailer, item: dict[str, Any], request: EmailRequest, owner: str,
-              conn: ChunkConnection, outcome: Round) -> None:
+def _send_one(
+    mailer: Mailer,
+    item: dict[str, Any],
+    request: EmailRequest,
+    owner: str,
+    conn: ChunkConnection,
+    outcome: Round,
+) -> None:
     """Send one message of a chunk and count what happened."""
     try:
         result = mailer.deliver(request, owner, conn.send)
@@ -137,8 +153,14 @@ def _send_one(mailer: Mailer, item: dict[str, Any], request: EmailRequest, owner
         _count(outcome, duplicate=bool(result["duplicate"]))
 
 
-def _count(outcome: Round, *, duplicate: bool | None = None, failure: dict[str, str] | None = None,
-           deferred: dict[str, Any] | None = None, retry_after: float = 0.0) -> None:
+def _count(
+    outcome: Round,
+    *,
+    duplicate: bool | None = None,
+    failure: dict[str, str] | None = None,
+    deferred: dict[str, Any] | None = None,
+    retry_after: float = 0.0,
+) -> None:
     with outcome.lock:
         if duplicate is not None:
             outcome.duplicates += duplicate
@@ -189,14 +211,24 @@ class BulkRun:
     bulk_key: str
 
 
-def run(mailer: Mailer, template: str, recipients: Any, bulk_key: str | None, bulk_id: str,
-        progress: Callable[[dict[str, int]], None], last_round: bool) -> BulkRun:
+def run(
+    mailer: Mailer,
+    template: str,
+    recipients: Any,
+    bulk_key: str | None,
+    bulk_id: str,
+    progress: Callable[[dict[str, int]], None],
+    last_round: bool,
+) -> BulkRun:
     """One round of a bulk send: every message sent once; on the last round deferred become failures."""
     if not isinstance(recipients, list) or not recipients:
         raise InvalidEmailError("recipients: expected a non-empty list of {'to': ..., 'context': {...}}")
     check_template(template, mailer.settings.mail_templates_dir)
-    key = bulk_key or "bulk:" + hashlib.sha256(
-        json.dumps([template, recipients], sort_keys=True, default=str).encode()).hexdigest()
+    key = (
+        bulk_key
+        or "bulk:"
+        + hashlib.sha256(json.dumps([template, recipients], sort_keys=True, default=str).encode()).hexdigest()
+    )
     tally = Tally(mailer, bulk_id)
     tally.start(len(recipients))
     prepared = prepare(template, recipients, key, mailer)
@@ -204,17 +236,29 @@ def run(mailer: Mailer, template: str, recipients: Any, bulk_key: str | None, bu
     before = tally.read()
 
     def on_chunk(now: Round) -> None:
-        progress({"sent": before["sent"] + now.sent, "total": before["total"],
-                  "duplicates": before["duplicates"] + now.duplicates,
-                  "failed": before["failed"] + len(now.failures)})
+        progress(
+            {
+                "sent": before["sent"] + now.sent,
+                "total": before["total"],
+                "duplicates": before["duplicates"] + now.duplicates,
+                "failed": before["failed"] + len(now.failures),
+            }
+        )
 
     done = send_round(mailer, prepared.ready, bulk_id, on_chunk)
     deferred, failures = done.deferred, done.failures
     if last_round and deferred:
-        failures = failures + [{"to": str(d["to"]), "error": d.get("last_error", "rate limited")}
-                               for d in deferred]
+        failures = failures + [
+            {"to": str(d["to"]), "error": d.get("last_error", "rate limited")} for d in deferred
+        ]
         deferred = []
     tally.add(done.sent, done.duplicates, failures)
-    logger.info("Bulk %s round: %d sent, %d duplicates, %d failed, %d deferred", bulk_id, done.sent,
-                done.duplicates + prepared.repeats, len(failures) + len(prepared.failures), len(deferred))
+    logger.info(
+        "Bulk %s round: %d sent, %d duplicates, %d failed, %d deferred",
+        bulk_id,
+        done.sent,
+        done.duplicates + prepared.repeats,
+        len(failures) + len(prepared.failures),
+        len(deferred),
+    )
     return BulkRun({**tally.read(), "deferred": len(deferred)}, deferred, done.retry_after, key)

@@ -19,8 +19,16 @@ from proj.settings import Settings, get_settings
 
 # Extra headers callers may set; everything else (From, To, Bcc, Message-ID...) is ours to write.
 ALLOWED_HEADERS = frozenset(
-    h.lower() for h in ("List-Unsubscribe", "List-Unsubscribe-Post", "List-Id", "In-Reply-To",
-                        "References", "Precedence", "Auto-Submitted")
+    h.lower()
+    for h in (
+        "List-Unsubscribe",
+        "List-Unsubscribe-Post",
+        "List-Id",
+        "In-Reply-To",
+        "References",
+        "Precedence",
+        "Auto-Submitted",
+    )
 )
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,75}$")
 # RFC 5322 line limit; a longer subject or header value is a bug upstream, not a message.
@@ -50,12 +58,22 @@ class EmailRequest:
         return list(dict.fromkeys((*self.to, *self.cc, *self.bcc)))
 
 
-def validate(to: str | Sequence[str] = (), subject: str | None = None, text: str | None = None,
-             html: str | None = None, *, cc: str | Sequence[str] | None = None,
-             bcc: str | Sequence[str] | None = None, reply_to: str | Sequence[str] | None = None,
-             headers: Mapping[str, str] | None = None, attachments: Sequence[str] | None = None,
-             template: str | None = None, context: Mapping[str, Any] | None = None,
-             idempotency_key: str | None = None, settings: Settings | None = None) -> EmailRequest:
+def validate(
+    to: str | Sequence[str] = (),
+    subject: str | None = None,
+    text: str | None = None,
+    html: str | None = None,
+    *,
+    cc: str | Sequence[str] | None = None,
+    bcc: str | Sequence[str] | None = None,
+    reply_to: str | Sequence[str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    attachments: Sequence[str] | None = None,
+    template: str | None = None,
+    context: Mapping[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    settings: Settings | None = None,
+) -> EmailRequest:
     """Check everything `send_email` would, and return the request it would send.
 
     Raises:
@@ -67,10 +85,15 @@ def validate(to: str | Sequence[str] = (), subject: str | None = None, text: str
             raise InvalidEmailError("give either a template or subject/text/html, not both")
         subject, text, html = render(template, context or {}, settings.mail_templates_dir)
     request = EmailRequest(
-        to=_addresses(to, "to"), subject=_header_value("subject", subject or ""),
-        text=_body(text, html), html=html if html else None, cc=_addresses(cc, "cc"),
-        bcc=_addresses(bcc, "bcc"), reply_to=_addresses(reply_to, "reply_to"),
-        headers=_extra_headers(headers), attachments=_attachments(attachments, settings),
+        to=_addresses(to, "to"),
+        subject=_header_value("subject", subject or ""),
+        text=_body(text, html),
+        html=html if html else None,
+        cc=_addresses(cc, "cc"),
+        bcc=_addresses(bcc, "bcc"),
+        reply_to=_addresses(reply_to, "reply_to"),
+        headers=_extra_headers(headers),
+        attachments=_attachments(attachments, settings),
     )
     if not request.to and not request.cc and not request.bcc:
         raise InvalidEmailError("a message needs at least one recipient in to, cc or bcc")
@@ -155,7 +178,8 @@ def _attachments(keys: Sequence[str] | None, settings: Settings) -> tuple[str, .
             raise InvalidEmailError(f"attachment {key!r}: {exc}") from exc
     if total > settings.email_max_attachment_bytes:
         raise InvalidEmailError(
-            f"attachments total {total} bytes, over the limit of {settings.email_max_attachment_bytes}")
+            f"attachments total {total} bytes, over the limit of {settings.email_max_attachment_bytes}"
+        )
     return tuple(keys)
 
 

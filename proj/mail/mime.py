@@ -115,5 +115,4 @@ def _attach(msg: EmailMessage, keys: Iterable[str], settings: Settings) -> None:
             data = path.read_bytes()
         except ProjError as exc:
             raise InvalidEmailError(f"attachment {key!r}: {exc}") from exc
-        msg.add_attachment(data, maintype=maintype, subtype=subtype or "octet-stream",
-                           filename=path.name)
+        msg.add_attachment(data, maintype=maintype, subtype=subtype or "octet-stream", filename=path.name)

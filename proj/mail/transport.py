@@ -47,8 +47,9 @@ def open_connection(settings: Settings) -> smtplib.SMTP:
     conn: smtplib.SMTP | None = None
     try:
         if settings.smtp_security == "tls":
-            conn = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port,
-                                    timeout=settings.smtp_timeout, context=context)
+            conn = smtplib.SMTP_SSL(
+                settings.smtp_host, settings.smtp_port, timeout=settings.smtp_timeout, context=context
+            )
         else:
             conn = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.smtp_timeout)
         _secure_and_login(conn, settings, context)
@@ -98,8 +99,15 @@ def _close(conn: smtplib.SMTP) -> None:
         conn.close()
 
 
-def transact(conn: smtplib.SMTP, sender: str, recipients: Sequence[str], data: bytes,
-             before_data: Callable[[], None], *, reused: bool = False) -> dict[str, str]:
+def transact(
+    conn: smtplib.SMTP,
+    sender: str,
+    recipients: Sequence[str],
+    data: bytes,
+    before_data: Callable[[], None],
+    *,
+    reused: bool = False,
+) -> dict[str, str]:
     """Send one message on an open connection; return the refused recipients with their replies.
 
     `before_data` runs once every recipient was answered and just before DATA, so the ledger can
@@ -158,8 +166,9 @@ class ThreadConnections:
         self.settings = settings
         self._local = threading.local()
 
-    def send(self, sender: str, recipients: Sequence[str], data: bytes,
-             before_data: Callable[[], None]) -> dict[str, str]:
+    def send(
+        self, sender: str, recipients: Sequence[str], data: bytes, before_data: Callable[[], None]
+    ) -> dict[str, str]:
         """Send on this thread's connection, reconnecting once if it went stale."""
         conn = self._reusable()
         if conn is not None:
@@ -171,8 +180,16 @@ class ThreadConnections:
         self._local.conn = conn
         return self._send(conn, sender, recipients, data, before_data, reused=False)
 
-    def _send(self, conn: smtplib.SMTP, sender: str, recipients: Sequence[str], data: bytes,
-              before_data: Callable[[], None], *, reused: bool) -> dict[str, str]:
+    def _send(
+        self,
+        conn: smtplib.SMTP,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        before_data: Callable[[], None],
+        *,
+        reused: bool,
+    ) -> dict[str, str]:
         try:
             refused = transact(conn, sender, recipients, data, before_data, reused=reused)
         except BaseException as exc:
@@ -209,8 +226,9 @@ class ChunkConnection:
         self.conn: smtplib.SMTP | None = None
         self.connect_failures = 0
 
-    def send(self, sender: str, recipients: Sequence[str], data: bytes,
-             before_data: Callable[[], None]) -> dict[str, str]:
+    def send(
+        self, sender: str, recipients: Sequence[str], data: bytes, before_data: Callable[[], None]
+    ) -> dict[str, str]:
         """Send one message of the chunk."""
         if self.conn is None:
             if self.connect_failures >= self.MAX_CONNECT_FAILURES:

@@ -18,14 +18,20 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EMAIL_QUEUES = "email,email_bulk"
 # A killed worker's messages come back after the visibility timeout: short here, minutes in production.
-FAST_REDELIVERY = {"TASK_TIME_LIMIT": "4", "TASK_SOFT_TIME_LIMIT": "3", "BROKER_MAX_COUNTDOWN": "1",
-                   "BROKER_VISIBILITY_TIMEOUT": "6", "BROKER_RESTORE_INTERVAL": "1"}
+FAST_REDELIVERY = {
+    "TASK_TIME_LIMIT": "4",
+    "TASK_SOFT_TIME_LIMIT": "3",
+    "BROKER_MAX_COUNTDOWN": "1",
+    "BROKER_VISIBILITY_TIMEOUT": "6",
+    "BROKER_RESTORE_INTERVAL": "1",
+}
 # Bound of the waits on a loaded CI machine (2 busy cores): generous, since each ends on a condition.
 SLOW_MACHINE = 180
 
 
 def test_worker_killed_after_the_server_accepted_but_before_the_ack_does_not_resend(
-        start_worker, smtp_server, redis_client, celery_app):
+    start_worker, smtp_server, redis_client, celery_app
+):
     from celery.backends.redis import RedisBackend
 
     from tasks.email import send_email
@@ -37,8 +43,9 @@ def test_worker_killed_after_the_server_accepted_but_before_the_ack_does_not_res
     env = {**smtp_env(smtp_server), **FAST_REDELIVERY, "CELERY_RESULT_BACKEND": results.url}
     try:
         first = start_worker(EMAIL_QUEUES, env=env)
-        task_id = send_email.delay(to="liz@example.com", subject="once", text="t",
-                                   idempotency_key="crash-1").id
+        task_id = send_email.delay(
+            to="liz@example.com", subject="once", text="t", idempotency_key="crash-1"
+        ).id
         ledger = Ledger(redis_client, "email", 60)
         wait_for(lambda: (ledger.get("crash-1") or {}).get("state") == "sent", what="ledger says sent")
         assert redis_client.hlen("unacked") == 1  # accepted by the server, not acknowledged
@@ -51,7 +58,8 @@ def test_worker_killed_after_the_server_accepted_but_before_the_ack_does_not_res
         meta = wait_for(lambda: _done(backend, task_id), timeout=40, what="the redelivered task")
         assert meta["status"] == "SUCCESS" and meta["result"]["duplicate"] is True
         assert [r.message["Message-ID"] for r in smtp_server.handler.received] == [
-            message_id_for("crash-1", Settings())]
+            message_id_for("crash-1", Settings())
+        ]
     finally:
         os.kill(results.proc.pid, signal.SIGCONT)
         results.stop()
@@ -71,13 +79,18 @@ def test_500_messages_through_two_workers_one_sigkilled_arrive_exactly_once(star
     doomed = start_worker(EMAIL_QUEUES, env=env, concurrency=4)
     start_worker(EMAIL_QUEUES, env=env, concurrency=4)
     handler = smtp_server.handler
-    results = [send_email.delay(to=f"user{i}@example.com", subject=f"n{i}", text="t",
-                                idempotency_key=f"five-hundred-{i}") for i in range(500)]
+    results = [
+        send_email.delay(
+            to=f"user{i}@example.com", subject=f"n{i}", text="t", idempotency_key=f"five-hundred-{i}"
+        )
+        for i in range(500)
+    ]
     wait_for(lambda: len(handler.received) >= 150, timeout=SLOW_MACHINE, what="a third of the messages")
     # Kill mid-run while every sending thread waits for an RCPT reply, i.e. inside SMTP transactions.
     handler.hold_rcpt.set()
-    wait_for(lambda: handler.held >= 8, timeout=SLOW_MACHINE,
-             what="both workers' threads inside a transaction")
+    wait_for(
+        lambda: handler.held >= 8, timeout=SLOW_MACHINE, what="both workers' threads inside a transaction"
+    )
     doomed.kill()
     handler.hold_rcpt.clear()
 
@@ -100,8 +113,9 @@ def test_a_domain_limit_holds_across_two_workers(start_worker, smtp_server):
         result.get(timeout=60)
         assert result.retries == 0  # re-scheduled for the limit, never counted as a failure
 
-    stamps = sorted(r.received_at for r in smtp_server.handler.received
-                    if r.rcpt_tos[0].endswith("@slow.example.com"))
+    stamps = sorted(
+        r.received_at for r in smtp_server.handler.received if r.rcpt_tos[0].endswith("@slow.example.com")
+    )
     assert len(stamps) == 12
     # Slots are 250 ms apart; a delivery lands a little after its slot, so a one-second window may
     # catch the next slot's message too (limit + 1), never more unless the limit broke. Without it

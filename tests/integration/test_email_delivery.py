@@ -34,10 +34,14 @@ def test_delivered_content_parts_headers_attachment_and_message_id(start_worker,
     start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server))
 
     result = send_email.delay(
-        to=["Ann@Example.com"], cc="bob@example.org", bcc=["carol@example.net"], template="welcome",
+        to=["Ann@Example.com"],
+        cc="bob@example.org",
+        bcc=["carol@example.net"],
+        template="welcome",
         context={"name": "Ann <b>", "product": "Proj", "url": "https://example.com/?a=1&b=2"},
         headers={"List-Unsubscribe": "<mailto:unsub@example.com>", "X-Campaign": "welcome-1"},
-        attachments=["reports/chart.txt"], idempotency_key="welcome:ann",
+        attachments=["reports/chart.txt"],
+        idempotency_key="welcome:ann",
     ).get(timeout=30)
 
     assert result["message_id"] == message_id_for("welcome:ann", Settings())
@@ -64,8 +68,13 @@ def test_delivered_content_parts_headers_attachment_and_message_id(start_worker,
 def test_starttls_and_auth(start_worker, smtp_server_tls):
     from tasks.email import send_email
 
-    env = {**smtp_env(smtp_server_tls), "SMTP_SECURITY": "starttls", "SMTP_USERNAME": "user",
-           "SMTP_PASSWORD": "secret", "SMTP_CA_FILE": smtp_server_tls.ca_file}
+    env = {
+        **smtp_env(smtp_server_tls),
+        "SMTP_SECURITY": "starttls",
+        "SMTP_USERNAME": "user",
+        "SMTP_PASSWORD": "secret",
+        "SMTP_CA_FILE": smtp_server_tls.ca_file,
+    }
     worker = start_worker(EMAIL_QUEUES, env=env)
     result = send_email.delay(to="dan@example.com", subject="over TLS", text="hi").get(timeout=30)
     [received] = smtp_server_tls.handler.received
@@ -96,7 +105,9 @@ def test_a_connection_dropped_during_data_is_replaced_and_the_message_sent_once(
     second = async_result.get(timeout=30)
     assert async_result.retries == 1
     assert [r.message["Message-ID"] for r in smtp_server.handler.received] == [
-        first["message_id"], second["message_id"]]
+        first["message_id"],
+        second["message_id"],
+    ]
 
 
 def test_550_fails_at_once_with_the_reply(start_worker, smtp_server, redis_client):
@@ -135,8 +146,12 @@ def test_partly_refused_recipients_are_reported_not_resent(start_worker, smtp_se
 
     smtp_server.handler.rcpt_replies["nobody@example.com"] = "550 5.1.1 No such user"
     start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server))
-    kwargs = {"to": ["hal@example.com", "nobody@example.com"], "subject": "s", "text": "t",
-              "idempotency_key": "partial-1"}
+    kwargs = {
+        "to": ["hal@example.com", "nobody@example.com"],
+        "subject": "s",
+        "text": "t",
+        "idempotency_key": "partial-1",
+    }
     result = send_email.delay(**kwargs).get(timeout=30)
     assert result["accepted"] == ["hal@example.com"]
     assert result["refused"] == {"nobody@example.com": "550 5.1.1 No such user"}
@@ -160,7 +175,8 @@ def test_same_key_twice_and_same_content_twice_send_once(start_worker, smtp_serv
 
 
 def test_header_injection_and_bad_addresses_fail_permanently_and_the_worker_stays_up(
-        start_worker, smtp_server):
+    start_worker, smtp_server
+):
     from tasks.email import send_email
 
     start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server))
@@ -186,16 +202,17 @@ def test_header_injection_and_bad_addresses_fail_permanently_and_the_worker_stay
     assert len(smtp_server.handler.received) == 1
 
 
-def test_a_long_countdown_waits_in_the_delayed_set_not_in_the_broker(start_worker, smtp_server,
-                                                                      redis_client, celery_app,
-                                                                      monkeypatch):
+def test_a_long_countdown_waits_in_the_delayed_set_not_in_the_broker(
+    start_worker, smtp_server, redis_client, celery_app, monkeypatch
+):
     from proj.delayed import DelayedSet
     from tasks.email import send_email
 
     monkeypatch.setitem(celery_app.conf, "broker_max_countdown", 1)  # production: 30 s
     delayed = DelayedSet(redis_client)
-    async_result = send_email.apply_async(kwargs={"to": "kim@example.com", "subject": "s", "text": "t"},
-                                          countdown=4)
+    async_result = send_email.apply_async(
+        kwargs={"to": "kim@example.com", "subject": "s", "text": "t"}, countdown=4
+    )
     [parked] = delayed.pending()
     assert parked["id"] == async_result.id and parked["queue"] == "email"
     assert parked["due"] > time.time() + 2
@@ -216,22 +233,34 @@ def test_send_bulk_chunks_progress_counts_and_no_resend(start_worker, smtp_serve
     handler.rcpt_replies["gone@example.com"] = "550 5.1.1 No such user"
     ctx = {"product": "Proj", "url": "https://example.com"}
     recipients = [{"to": f"r{i}@example.com", "context": {**ctx, "name": f"R{i}"}} for i in range(40)]
-    recipients += [recipients[3], {"to": "not an address", "context": {**ctx, "name": "X"}},
-                   {"to": "gone@example.com", "context": {**ctx, "name": "Gone"}}]
-    start_worker(EMAIL_QUEUES, env={**smtp_env(smtp_server), "EMAIL_BULK_CHUNK_SIZE": "10",
-                                    "EMAIL_BULK_CONNECTIONS": "2"})
+    recipients += [
+        recipients[3],
+        {"to": "not an address", "context": {**ctx, "name": "X"}},
+        {"to": "gone@example.com", "context": {**ctx, "name": "Gone"}},
+    ]
+    start_worker(
+        EMAIL_QUEUES,
+        env={**smtp_env(smtp_server), "EMAIL_BULK_CHUNK_SIZE": "10", "EMAIL_BULK_CONNECTIONS": "2"},
+    )
     # Hold the server after the first chunks so the PROGRESS state is there to be seen.
     handler.on_stored = lambda item: handler.hold_rcpt.set() if len(handler.received) == 20 else None
     async_result = send_bulk.delay(template="welcome", recipients=recipients, idempotency_key="news-1")
-    wait_for(lambda: async_result.state == "PROGRESS" and async_result.info["sent"] >= 10,
-             what="PROGRESS with sent/total")
+    wait_for(
+        lambda: async_result.state == "PROGRESS" and async_result.info["sent"] >= 10,
+        what="PROGRESS with sent/total",
+    )
     assert async_result.info["total"] == 43
     handler.on_stored = None
     handler.hold_rcpt.clear()
 
     result = async_result.get(timeout=60)
     assert {k: result[k] for k in ("total", "sent", "duplicates", "failed", "deferred")} == {
-        "total": 43, "sent": 40, "duplicates": 1, "failed": 2, "deferred": 0}
+        "total": 43,
+        "sent": 40,
+        "duplicates": 1,
+        "failed": 2,
+        "deferred": 0,
+    }
     errors = {f["to"]: f["error"] for f in result["failures"]}
     assert "not a valid email address" in errors["not an address"]
     assert "550 5.1.1 No such user" in errors["gone@example.com"]
@@ -252,8 +281,18 @@ def test_proj_send_email_cli(start_worker, smtp_server, worker_env):
     from tests.harness import ROOT
 
     start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server))
-    command = [sys.executable, "-m", "proj.cli", "send-email", "--to", "max@example.com",
-               "--subject", "from the CLI", "--text", "hello"]
+    command = [
+        sys.executable,
+        "-m",
+        "proj.cli",
+        "send-email",
+        "--to",
+        "max@example.com",
+        "--subject",
+        "from the CLI",
+        "--text",
+        "hello",
+    ]
     done = subprocess.run(command, cwd=ROOT, env=worker_env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
@@ -261,8 +300,14 @@ def test_proj_send_email_cli(start_worker, smtp_server, worker_env):
     assert received.message["Message-ID"] == printed["message_id"]
     assert printed["accepted"] == ["max@example.com"]
 
-    bad = subprocess.run([*command[:5], "max@example.com\nBcc: x@example.com", *command[6:]], cwd=ROOT,
-                         env=worker_env, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [*command[:5], "max@example.com\nBcc: x@example.com", *command[6:]],
+        cwd=ROOT,
+        env=worker_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "not a valid email address" in bad.stderr
 
 
@@ -277,8 +322,11 @@ def test_property_any_input_through_a_worker_is_sent_or_fails_at_once(start_work
     start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server))
 
     @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(to=st.one_of(st.emails(), st.text(max_size=30)), subject=st.text(max_size=80),
-           text=st.text(max_size=200))
+    @given(
+        to=st.one_of(st.emails(), st.text(max_size=30)),
+        subject=st.text(max_size=80),
+        text=st.text(max_size=200),
+    )
     def check(to, subject, text):
         before = len(smtp_server.handler.received)
         async_result = send_email.delay(to=to, subject=subject, text=text)
@@ -310,4 +358,5 @@ def test_send_bulk_defers_a_4xx_to_its_next_round_and_reports_the_total(start_wo
     assert (result["total"], result["sent"], result["failed"], result["deferred"]) == (6, 6, 0, 0)
     assert async_result.retries == 1  # one more round, for the deferred message only
     assert sorted(r.rcpt_tos[0] for r in smtp_server.handler.received) == sorted(
-        f"b{i}@example.com" for i in range(6))
+        f"b{i}@example.com" for i in range(6)
+    )

@@ -101,8 +101,13 @@ def test_tls_modes_auth_and_certificate_failures(redis_client, smtp_server_tls, 
         request = validate(to="a@example.com", subject="s", text=key, idempotency_key=key, settings=settings)
         return Mailer(settings, redis_client).send(request, owner=key)
 
-    starttls = Settings(smtp_port=smtp_server_tls.port, smtp_security="starttls", smtp_username="user",
-                        smtp_password="secret", smtp_ca_file=tls_ca.ca_file)
+    starttls = Settings(
+        smtp_port=smtp_server_tls.port,
+        smtp_security="starttls",
+        smtp_username="user",
+        smtp_password="secret",
+        smtp_ca_file=tls_ca.ca_file,
+    )
     assert send(starttls, "starttls-ok")["duplicate"] is False
     with pytest.raises(EmailRejectedError, match="authentication failed") as caught:
         send(Settings(**{**starttls.__dict__, "smtp_password": "wrong"}), "bad-password")

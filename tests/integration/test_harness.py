@@ -68,8 +68,9 @@ def test_smtp_server_refuses_a_scripted_recipient(smtp_server):
 
 def test_tls_server_requires_starttls_then_auth(smtp_server_tls):
     context = ssl.create_default_context(cafile=smtp_server_tls.ca_file)
-    with smtplib.SMTP("127.0.0.1", smtp_server_tls.port, timeout=5) as client, pytest.raises(
-        smtplib.SMTPSenderRefused
+    with (
+        smtplib.SMTP("127.0.0.1", smtp_server_tls.port, timeout=5) as client,
+        pytest.raises(smtplib.SMTPSenderRefused),
     ):
         client.sendmail("a@example.com", ["b@example.com"], b"\r\nx\r\n")
     with smtplib.SMTP("127.0.0.1", smtp_server_tls.port, timeout=5) as client:

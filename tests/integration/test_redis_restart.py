@@ -12,14 +12,14 @@ from tests.harness import ROOT, RedisServer, WorkerProcess
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PRODUCE = (
-    "from proj.celery import app\n"
-    "print(app.send_task('tasks.health.canary').get(timeout=60)['hostname'])\n"
+    "from proj.celery import app\nprint(app.send_task('tasks.health.canary').get(timeout=60)['hostname'])\n"
 )
 
 
 def _canary(env: dict[str, str]) -> str:
-    proc = subprocess.run([sys.executable, "-c", PRODUCE], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=90)
+    proc = subprocess.run(
+        [sys.executable, "-c", PRODUCE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 

@@ -14,8 +14,14 @@ pytestmark = pytest.mark.integration
 
 
 def _status(env, *args):
-    return subprocess.run([sys.executable, "-m", "proj.cli", "status", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=90)
+    return subprocess.run(
+        [sys.executable, "-m", "proj.cli", "status", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
 
 
 def test_status_reports_depth_age_workers_and_probes(start_worker, celery_app, worker_env):

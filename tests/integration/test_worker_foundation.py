@@ -55,8 +55,13 @@ def test_sigterm_lets_the_running_task_finish_and_loses_nothing(start_worker, ce
 
 
 def test_sigkill_mid_task_redelivers_it(start_worker, celery_app, redis_server):
-    env = {"BROKER_VISIBILITY_TIMEOUT": "5", "TASK_TIME_LIMIT": "3", "TASK_SOFT_TIME_LIMIT": "2",
-           "BROKER_MAX_COUNTDOWN": "1", "BROKER_RESTORE_INTERVAL": "1"}
+    env = {
+        "BROKER_VISIBILITY_TIMEOUT": "5",
+        "TASK_TIME_LIMIT": "3",
+        "TASK_SOFT_TIME_LIMIT": "2",
+        "BROKER_MAX_COUNTDOWN": "1",
+        "BROKER_RESTORE_INTERVAL": "1",
+    }
     worker = start_worker("default", pool="prefork", concurrency=1, env=env)
     result = celery_app.send_task(CANARY, kwargs={"hold": 1.5})
     wait_for(lambda: result.state == "STARTED", timeout=20, what="the task to start")
@@ -71,12 +76,20 @@ def test_a_pickle_message_is_refused_and_the_worker_stays_up(start_worker, celer
     task_id = str(uuid.uuid4())
     body = pickle.dumps(((), {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}))
     with celery_app.producer_or_acquire() as producer:
-        producer.publish(body, routing_key="default", exchange="proj", serializer=None,
-                         content_type="application/x-python-serialize", content_encoding="binary",
-                         headers={"id": task_id, "task": CANARY, "lang": "py", "argsrepr": "()",
-                                  "kwargsrepr": "{}"})
-    wait_for(lambda: "deserialize untrusted content of type pickle" in worker.log(), timeout=20,
-             what="the refusal in the log")
+        producer.publish(
+            body,
+            routing_key="default",
+            exchange="proj",
+            serializer=None,
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+            headers={"id": task_id, "task": CANARY, "lang": "py", "argsrepr": "()", "kwargsrepr": "{}"},
+        )
+    wait_for(
+        lambda: "deserialize untrusted content of type pickle" in worker.log(),
+        timeout=20,
+        what="the refusal in the log",
+    )
     assert celery_app.AsyncResult(task_id).state == "PENDING"  # never ran
     assert celery_app.send_task(CANARY).get(timeout=20)["queue"] == "default"
 
@@ -99,14 +112,34 @@ def test_dlq_replay_from_the_cli_runs_the_task_again(start_worker, celery_app, r
     from proj.deadletters import DeadLetter
 
     store = DeadLetterStore(redis_client)
-    store.record(DeadLetter(task_id="dead-1", task_name=CANARY, kwargs={"hold": 0}, queue="default",
-                            exc_type="TransientError", message="gave up"))
-    listed = subprocess.run([sys.executable, "-m", "proj.cli", "dlq", "list"], cwd=ROOT, env=worker_env,
-                            capture_output=True, text=True, timeout=60)
+    store.record(
+        DeadLetter(
+            task_id="dead-1",
+            task_name=CANARY,
+            kwargs={"hold": 0},
+            queue="default",
+            exc_type="TransientError",
+            message="gave up",
+        )
+    )
+    listed = subprocess.run(
+        [sys.executable, "-m", "proj.cli", "dlq", "list"],
+        cwd=ROOT,
+        env=worker_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "dead-1" in listed.stdout and "gave up" in listed.stdout
     start_worker("default", concurrency=1)
-    replay = subprocess.run([sys.executable, "-m", "proj.cli", "dlq", "replay", "dead-1"], cwd=ROOT,
-                            env=worker_env, capture_output=True, text=True, timeout=60)
+    replay = subprocess.run(
+        [sys.executable, "-m", "proj.cli", "dlq", "replay", "dead-1"],
+        cwd=ROOT,
+        env=worker_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert replay.returncode == 0, replay.stderr
     new_id = replay.stdout.strip().split()[-1]
     assert celery_app.AsyncResult(new_id).get(timeout=20)["queue"] == "default"

@@ -94,8 +94,14 @@ def test_task_time_limits_fit_in_the_visibility_timeout():
 
 def test_inconsistent_timeouts_are_refused_at_import():
     env = {"BROKER_VISIBILITY_TIMEOUT": "100", "TASK_TIME_LIMIT": "300", "PATH": ""}
-    proc = subprocess.run([sys.executable, "-c", "import celeryconfig"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import celeryconfig"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "BROKER_VISIBILITY_TIMEOUT must exceed" in proc.stderr
 

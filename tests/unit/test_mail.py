@@ -19,33 +19,43 @@ from proj.settings import Settings
 def settings(tmp_path: Path) -> Settings:
     root = tmp_path / "files"
     root.mkdir()
-    return Settings(files_root=root, mail_from="Proj <noreply@mail.example.com>",
-                    email_max_attachment_bytes=1000)
+    return Settings(
+        files_root=root, mail_from="Proj <noreply@mail.example.com>", email_max_attachment_bytes=1000
+    )
 
 
-@pytest.mark.parametrize(("kwargs", "reason"), [
-    ({"to": "a@example.com", "subject": "x\r\nBcc: v@example.com", "text": "t"}, "line breaks"),
-    ({"to": "a@example.com", "subject": "x\nBcc: v@example.com", "text": "t"}, "line breaks"),
-    ({"to": "a@example.com", "subject": "s", "text": "t", "headers": {"X-A": "1\r\nBcc: v@e.com"}},
-     "line breaks"),
-    ({"to": "a@example.com", "subject": "s", "text": "t", "headers": {"Bcc": "v@example.com"}},
-     "may not be set"),
-    ({"to": "a@example.com", "subject": "s", "text": "t", "headers": {"X-A\r\nBcc": "v"}},
-     "not a valid header name"),
-    ({"to": "a@example.com\r\nBcc: v@example.com", "subject": "s", "text": "t"}, "not a valid email"),
-    ({"to": "Ann <a@example.com>", "subject": "s", "text": "t"}, "not a valid email"),
-    ({"to": "a@example.com, b@example.com", "subject": "s", "text": "t"}, "not a valid email"),
-    ({"to": "a@localhost", "subject": "s", "text": "t"}, "not a valid email"),
-    ({"to": [], "subject": "s", "text": "t"}, "at least one recipient"),
-    ({"to": "a@example.com", "subject": "s", "text": "   "}, "needs a body"),
-    ({"to": "a@example.com", "subject": "s"}, "needs a body"),
-    ({"to": "a@example.com", "template": "nope"}, "unknown template"),
-    ({"to": "a@example.com", "template": "../welcome"}, "not a template name"),
-    ({"to": "a@example.com", "template": "welcome", "context": {"name": "x"}}, "is undefined"),
-    ({"to": "a@example.com", "template": "welcome", "subject": "s"}, "not both"),
-    ({"to": "a@example.com", "subject": "s", "text": "t", "idempotency_key": "a\nb"}, "idempotency_key"),
-    ({"to": "a@example.com", "subject": "s" * 999, "text": "t"}, "longer than"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"to": "a@example.com", "subject": "x\r\nBcc: v@example.com", "text": "t"}, "line breaks"),
+        ({"to": "a@example.com", "subject": "x\nBcc: v@example.com", "text": "t"}, "line breaks"),
+        (
+            {"to": "a@example.com", "subject": "s", "text": "t", "headers": {"X-A": "1\r\nBcc: v@e.com"}},
+            "line breaks",
+        ),
+        (
+            {"to": "a@example.com", "subject": "s", "text": "t", "headers": {"Bcc": "v@example.com"}},
+            "may not be set",
+        ),
+        (
+            {"to": "a@example.com", "subject": "s", "text": "t", "headers": {"X-A\r\nBcc": "v"}},
+            "not a valid header name",
+        ),
+        ({"to": "a@example.com\r\nBcc: v@example.com", "subject": "s", "text": "t"}, "not a valid email"),
+        ({"to": "Ann <a@example.com>", "subject": "s", "text": "t"}, "not a valid email"),
+        ({"to": "a@example.com, b@example.com", "subject": "s", "text": "t"}, "not a valid email"),
+        ({"to": "a@localhost", "subject": "s", "text": "t"}, "not a valid email"),
+        ({"to": [], "subject": "s", "text": "t"}, "at least one recipient"),
+        ({"to": "a@example.com", "subject": "s", "text": "   "}, "needs a body"),
+        ({"to": "a@example.com", "subject": "s"}, "needs a body"),
+        ({"to": "a@example.com", "template": "nope"}, "unknown template"),
+        ({"to": "a@example.com", "template": "../welcome"}, "not a template name"),
+        ({"to": "a@example.com", "template": "welcome", "context": {"name": "x"}}, "is undefined"),
+        ({"to": "a@example.com", "template": "welcome", "subject": "s"}, "not both"),
+        ({"to": "a@example.com", "subject": "s", "text": "t", "idempotency_key": "a\nb"}, "idempotency_key"),
+        ({"to": "a@example.com", "subject": "s" * 999, "text": "t"}, "longer than"),
+    ],
+)
 def test_bad_input_is_refused_with_a_clear_reason(settings, kwargs, reason):
     with pytest.raises(InvalidEmailError, match=reason):
         validate(**kwargs, settings=settings)
@@ -58,16 +68,24 @@ def test_attachments_must_exist_stay_inside_the_root_and_fit(settings, tmp_path)
     os.symlink(tmp_path / "secret.txt", settings.files_root / "link.txt")
     base = {"to": "a@example.com", "subject": "s", "text": "t", "settings": settings}
     assert validate(**base, attachments=["ok.bin"]).attachments == ("ok.bin",)
-    for keys, reason in [(["missing.bin"], "no file"), (["../secret.txt"], "must be relative"),
-                         (["/etc/passwd"], "must be relative"), (["link.txt"], "outside the storage root"),
-                         (["ok.bin", "big.bin"], "over the limit")]:
+    for keys, reason in [
+        (["missing.bin"], "no file"),
+        (["../secret.txt"], "must be relative"),
+        (["/etc/passwd"], "must be relative"),
+        (["link.txt"], "outside the storage root"),
+        (["ok.bin", "big.bin"], "over the limit"),
+    ]:
         with pytest.raises(InvalidEmailError, match=reason):
             validate(**base, attachments=keys)
 
 
 def test_template_renders_text_and_autoescaped_html(settings):
-    request = validate(to="a@example.com", template="welcome", settings=settings,
-                       context={"name": "<script>x</script>", "product": "P&Q", "url": "https://e.com/?a&b"})
+    request = validate(
+        to="a@example.com",
+        template="welcome",
+        settings=settings,
+        context={"name": "<script>x</script>", "product": "P&Q", "url": "https://e.com/?a&b"},
+    )
     assert request.subject == "Welcome to P&Q, <script>x</script>"
     assert "Hello <script>x</script>," in request.text
     assert request.html is not None and "&lt;script&gt;x&lt;/script&gt;" in request.html
@@ -75,8 +93,14 @@ def test_template_renders_text_and_autoescaped_html(settings):
 
 
 def test_addresses_are_normalised_and_deduplicated(settings):
-    request = validate(to=["A@Bücher.de", "A@bücher.de"], cc="b@example.com", bcc=["b@example.com"],
-                       subject="s", text="t", settings=settings)
+    request = validate(
+        to=["A@Bücher.de", "A@bücher.de"],
+        cc="b@example.com",
+        bcc=["b@example.com"],
+        subject="s",
+        text="t",
+        settings=settings,
+    )
     assert request.to == ("A@xn--bcher-kva.de",)
     assert request.recipients == ["A@xn--bcher-kva.de", "b@example.com"]
 
@@ -95,8 +119,15 @@ def test_idempotency_key_and_message_id(settings):
 
 def test_built_message_has_alternative_parts_and_sniffed_attachment(settings):
     (settings.files_root / "notes.pdf").write_bytes(b"GIF89a" + b"\x00" * 20)  # a GIF named .pdf
-    request = validate(to="a@example.com", bcc="hidden@example.com", subject="Grüße", text="plain",
-                       html="<p>rich</p>", attachments=["notes.pdf"], settings=settings)
+    request = validate(
+        to="a@example.com",
+        bcc="hidden@example.com",
+        subject="Grüße",
+        text="plain",
+        html="<p>rich</p>",
+        attachments=["notes.pdf"],
+        settings=settings,
+    )
     raw = to_bytes(build_message(request, "<id-1@mail.example.com>", settings))
     msg = message_from_bytes(raw.replace(b"\r\n", b"\n"), policy=policy.default)
     assert msg["Subject"] == "Grüße" and msg["Message-ID"] == "<id-1@mail.example.com>"
@@ -107,11 +138,18 @@ def test_built_message_has_alternative_parts_and_sniffed_attachment(settings):
     assert attachment.get_content_type() == "image/gif"
 
 
-@pytest.mark.parametrize(("code", "kind"), [
-    (421, EmailDeliveryError), (450, EmailDeliveryError), (451, EmailDeliveryError),
-    (452, EmailDeliveryError), (550, EmailRejectedError), (552, EmailRejectedError),
-    (554, EmailRejectedError),
-])
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (421, EmailDeliveryError),
+        (450, EmailDeliveryError),
+        (451, EmailDeliveryError),
+        (452, EmailDeliveryError),
+        (550, EmailRejectedError),
+        (552, EmailRejectedError),
+        (554, EmailRejectedError),
+    ],
+)
 def test_smtp_replies_are_classified(code, kind):
     error = classify(code, b"4.0.0 some text", "DATA")
     assert isinstance(error, kind)

@@ -12,8 +12,11 @@ from proj.mail import build_message, message_id_for, to_bytes, validate
 from proj.settings import Settings
 
 SETTINGS = Settings()
-addresses = st.one_of(st.emails(), st.text(max_size=60),
-                      st.builds("{}@{}.example.com".format, st.text(max_size=20), st.text(max_size=10)))
+addresses = st.one_of(
+    st.emails(),
+    st.text(max_size=60),
+    st.builds("{}@{}.example.com".format, st.text(max_size=20), st.text(max_size=10)),
+)
 texts = st.text(max_size=300)
 
 
@@ -43,13 +46,20 @@ def test_input_is_sent_intact_or_refused_clearly(to, subject, text):
 @given(name=st.text(min_size=1, max_size=20).filter(lambda s: s.isprintable()), value=texts)
 def test_extra_headers_are_allowlisted_and_single_line(name, value):
     try:
-        request = validate(to="a@example.com", subject="s", text="t", headers={name: value},
-                           settings=SETTINGS)
+        request = validate(
+            to="a@example.com", subject="s", text="t", headers={name: value}, settings=SETTINGS
+        )
     except InvalidEmailError:
         return
-    assert name.lower().startswith("x-") or name.lower() in ("list-id", "list-unsubscribe", "references",
-                                                             "list-unsubscribe-post", "in-reply-to",
-                                                             "precedence", "auto-submitted")
+    assert name.lower().startswith("x-") or name.lower() in (
+        "list-id",
+        "list-unsubscribe",
+        "references",
+        "list-unsubscribe-post",
+        "in-reply-to",
+        "precedence",
+        "auto-submitted",
+    )
     raw = to_bytes(build_message(request, "<x@example.com>", SETTINGS))
     parsed = message_from_bytes(raw.replace(b"\r\n", b"\n"), policy=policy.default)
     assert parsed["To"] == "a@example.com" and parsed["Bcc"] is None
