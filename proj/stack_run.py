@@ -24,7 +24,7 @@ from proj.stack import Stack, StackError, write_env_file
 # Ctrl-C still needs Redis to ack them and SMTP to send the mail they are about.
 BACKING = ("redis", "smtp")
 # Procfile names of the workers; each runs as <name>@<hostname>.
-WORKERS = ("email", "default-1", "default-2", "files")
+WORKERS = ("email-1", "email-2", "default-1", "default-2", "files")
 # Warm shutdown waits for running tasks, which the hard time limit (300 s) bounds; then SIGKILL.
 SHUTDOWN_GRACE = 330
 READY_TIMEOUT = 60.0
@@ -96,7 +96,7 @@ class _StackManager(Manager):  # type: ignore[misc]
 def run_stack(stack: Stack, procfile: Path) -> int:
     """Run the stack in the foreground; return the exit code once every process has stopped."""
     commands = parse_procfile(procfile.read_text()).processes
-    missing = {"smtp", "email", "files", *(["redis"] if stack.redis_server else [])} - set(commands)
+    missing = {"smtp", "email-1", "files", *(["redis"] if stack.redis_server else [])} - set(commands)
     if missing:
         raise StackError(f"{procfile} has no {', '.join(sorted(missing))} process")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -87,6 +87,6 @@ def test_flower_in_a_browser(local_stack: LocalStack, browser: Any, tmp_path: Pa
     expect(page.locator("body")).to_contain_text("TypeError")
 
     page.goto(f"{url}/workers")
-    for worker in ("email@", "files@"):
+    for worker in ("email-1@", "email-2@", "files@"):
         expect(page.get_by_role("link", name=worker)).to_be_visible(timeout=20_000)
     context.close()

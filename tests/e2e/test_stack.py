@@ -50,10 +50,11 @@ def test_stack_env_says_where_everything_is(local_stack: LocalStack) -> None:
         assert exports["FLOWER_PASSWORD"] not in " ".join(process.cmdline()), process
 
 
-def test_inspect_ping_answers_from_both_workers(local_stack: LocalStack) -> None:
+def test_inspect_ping_answers_from_every_worker(local_stack: LocalStack) -> None:
     result = local_stack.sourced("celery -A proj inspect ping --timeout 5")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "email@" in result.stdout and "files@" in result.stdout
+    for node in ("email-1@", "email-2@", "default-1@", "default-2@", "files@"):
+        assert node in result.stdout, result.stdout
 
 
 def test_canary_returns_on_every_queue(local_stack: LocalStack) -> None:
@@ -66,10 +67,10 @@ def test_canary_returns_on_every_queue(local_stack: LocalStack) -> None:
     assert answers["files"]["result"]["hostname"].startswith("files@")
     assert answers["default"]["result"]["hostname"].startswith("default-")
     for queue in ("email", "email_bulk"):
-        assert answers[queue]["result"]["hostname"].startswith("email@")
+        assert answers[queue]["result"]["hostname"].startswith(("email-1@", "email-2@"))
 
 
-def test_flower_requires_credentials_and_lists_both_workers(local_stack: LocalStack) -> None:
+def test_flower_requires_credentials_and_lists_every_worker(local_stack: LocalStack) -> None:
     exports = local_stack.exports()
     url = exports["FLOWER_URL"] + "/api/workers?refresh=1"
     assert _get(url)[0] == 401
@@ -79,10 +80,10 @@ def test_flower_requires_credentials_and_lists_both_workers(local_stack: LocalSt
         status, body = _get(url, (exports["FLOWER_USER"], exports["FLOWER_PASSWORD"]))
         assert status == 200
         names = sorted(json.loads(body))
-        expected = ["default-1", "default-2", "email", "files"]
+        expected = ["default-1", "default-2", "email-1", "email-2", "files"]
         return names if [n.split("@")[0] for n in names] == expected else None
 
-    assert wait_for(workers, timeout=30, interval=0.5, what="Flower to list both workers")
+    assert wait_for(workers, timeout=30, interval=0.5, what="Flower to list every worker")
 
 
 def test_mail_sent_with_smtplib_lands_under_local_mail(local_stack: LocalStack) -> None:

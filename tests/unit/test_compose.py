@@ -100,11 +100,26 @@ def test_workers_consume_declared_queues_and_all_of_them() -> None:
         for line in (ROOT / "Procfile").read_text().splitlines()
         if " worker " in line and not line.startswith("#")
     }
-    for workers in (compose_workers, procfile_workers):
-        assert set(workers) >= {"worker-email", "worker-files"} or set(workers) >= {"email", "files"}
+    expected = {"worker-email", "worker-files"}, {"email-1", "email-2", "files"}
+    for workers, names in zip((compose_workers, procfile_workers), expected, strict=True):
+        assert set(workers) >= names
         for queues in workers.values():
             assert queues <= DECLARED_QUEUES
         assert set().union(*workers.values()) == DECLARED_QUEUES, "every queue has a consumer"
+
+
+def test_email_workers_match_the_procfile() -> None:
+    # Same shape in both: one threads process per core, as many processes as the Procfile's email-N.
+    procfile = [
+        line.split(":", 1)[1].split()
+        for line in (ROOT / "Procfile").read_text().splitlines()
+        if line.startswith("email-")
+    ]
+    service = _services()["worker-email"]
+    assert len(procfile) >= 2 and service["deploy"]["replicas"] == len(procfile)
+    for argv in [service["command"], *procfile]:
+        assert argv[argv.index("-P") + 1] == "threads" and argv[argv.index("-c") + 1] == "16"
+        assert _queues(argv) == {"email", "email_bulk"}
 
 
 def test_no_literal_secrets() -> None:

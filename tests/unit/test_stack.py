@@ -31,7 +31,7 @@ def test_flower_credentials_from_the_environment_win(tmp_path: Path) -> None:
     stack = plan(_settings(tmp_path, FLOWER_USER="ops", FLOWER_PASSWORD="from-env"), tmp_path)
     assert (stack.flower_user, stack.flower_password) == ("ops", "from-env")
     assert stack.process_env("flower")["FLOWER_BASIC_AUTH"] == "ops:from-env"
-    for name in ("email", "files", "beat", "smtp", "redis"):
+    for name in ("email-1", "files", "beat", "smtp", "redis"):
         assert "from-env" not in stack.process_env(name).values(), f"{name} has no use for the password"
 
 
