@@ -1,8 +1,8 @@
-"""Email throughput: a naive Celery setup against proj's email worker, to an SMTP server that answers slowly.
+"""Email throughput: a naive Celery setup against proj's email workers, to an SMTP server that answers slowly.
 
 The SMTP server (`python -m bench._smtp_sink --delay 0.02`, its own process) waits 20 ms before
 every reply, as a real MTA doing DNS and spam checks would, and only counts what it receives, so
-the CPU it burns is small next to the client's. Tasks are enqueued first and the worker started
+the CPU it burns is small next to the client's. Tasks are enqueued first and the workers started
 afterwards; the rate is measured between the first and the last received message.
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from bench.throughput import procfile_workers
 
 MESSAGES = 2000
 QUICK_MESSAGES = 200
@@ -29,7 +30,6 @@ DELAY = 0.02
 # connection; a connection per message adds the greeting, EHLO and QUIT.
 REUSED_REPLIES = 4
 FRESH_REPLIES = REUSED_REPLIES + 3
-EMAIL_THREADS = 32  # the email worker of the local stack (Procfile)
 BULK_CONNECTIONS = 32
 LOGS = Path(tempfile.gettempdir()) / "proj-bench-email"
 
@@ -46,12 +46,14 @@ NOTES = f"""\
 - Naive: `bench/_naive_email.py`, a stock `Celery()` app whose task opens one SMTP connection per
   message, run by `celery -A bench._naive_email worker` with every default (prefork, one process
   per core).
-- proj: `celery -A proj worker -Q email,email_bulk -P threads -c {EMAIL_THREADS}` (the Procfile's
-  email worker, at log level WARNING); `send_email` reuses one connection per thread and records
-  each message in the idempotency ledger before and after the SMTP transaction; `send_bulk`
-  sends all messages in one task over {BULK_CONNECTIONS} connections at a time
-  (`EMAIL_BULK_CONNECTIONS={BULK_CONNECTIONS}`), each carrying a chunk of up to 50 messages.
-- Peak RSS: the worker's whole process tree, sampled every 0.1 s during the run.
+- proj: the `email-N` lines of the `Procfile` as they are (`celery -A proj worker -Q
+  email,email_bulk -P threads -c 16 -n email-N@%h ... -l INFO`, one process per core, all started
+  together); `send_email` reuses one connection per thread and records each message in the
+  idempotency ledger before and after the SMTP transaction, so its bound counts processes x
+  threads connections; `send_bulk` sends all messages in one task (so in one of the processes)
+  over {BULK_CONNECTIONS} connections at a time (`EMAIL_BULK_CONNECTIONS={BULK_CONNECTIONS}`), each
+  carrying a chunk of up to 50 messages.
+- Peak RSS: the whole process trees of the workers together, sampled every 0.1 s during the run.
 """
 
 
@@ -60,10 +62,11 @@ class Setup:
     """One way of sending the messages: how to start the worker, how to enqueue, how parallel it is."""
 
     label: str
-    worker: list[str]
+    workers: list[list[str]]  # `celery worker` arguments of each process of the setup
     enqueue: Callable[[int], None]
     connections: int
     replies: int = REUSED_REPLIES
+    connections_how: str = ""  # how `connections` comes about, for the bound's label
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -99,33 +102,36 @@ def _bulk_enqueue(n: int) -> None:
     app.send_task("tasks.email.send_bulk", kwargs={"template": "welcome", "recipients": recipients})
 
 
+def email_workers() -> list[list[str]]:
+    """The `celery worker` arguments of each Procfile worker that consumes `email`."""
+    return [args for args in procfile_workers().values() if "email" in args[args.index("-Q") + 1].split(",")]
+
+
+def _connections(workers: list[list[str]]) -> int:
+    """Parallel SMTP conversations of threads-pool workers: each thread keeps one connection."""
+    return sum(int(args[args.index("-c") + 1]) for args in workers)
+
+
 def setups() -> list[Setup]:
     """The naive baseline first: ratios are against it."""
-    proj = [
-        "-Q",
-        "email,email_bulk",
-        "-P",
-        "threads",
-        "-c",
-        str(EMAIL_THREADS),
-        "-n",
-        "email@%h",
-        "--without-mingle",
-        "--without-gossip",
-        "-l",
-        "WARNING",
-    ]
+    proj = email_workers()
     return [
         Setup(
             "naive: stock prefork, connection per message",
-            ["-l", "WARNING"],
+            [["-l", "WARNING"]],
             _naive_enqueue,
             os.cpu_count() or 1,
             FRESH_REPLIES,
         ),
-        Setup("proj email worker: send_email", proj, _proj_enqueue, EMAIL_THREADS),
         Setup(
-            "proj email worker: send_bulk",
+            "proj email workers: send_email",
+            proj,
+            _proj_enqueue,
+            _connections(proj),
+            connections_how=" + ".join(args[args.index("-c") + 1] for args in proj) + " threads = ",
+        ),
+        Setup(
+            "proj email workers: send_bulk",
             proj,
             _bulk_enqueue,
             BULK_CONNECTIONS,
@@ -164,17 +170,15 @@ def _measure(setup: Setup, redis_url: str, n: int) -> dict[str, float]:
     smtp, port = _start_smtp(stats)
     naive = setup.label.startswith("naive")
     env = common.child_env(redis_url, SMTP_HOST="127.0.0.1", SMTP_PORT=str(port), **setup.env)
-    worker = None
+    workers: list[subprocess.Popen[bytes]] = []
     try:
         setup.enqueue(n)
-        worker = common.spawn(
-            common.celery_worker("bench._naive_email" if naive else "proj", *setup.worker),
-            env,
-            LOGS / "worker.log",
-        )
-        peak = _wait_for_messages(stats, n, worker.pid)
+        for index, args in enumerate(setup.workers, 1):
+            command = common.celery_worker("bench._naive_email" if naive else "proj", *args)
+            workers.append(common.spawn(command, env, LOGS / f"worker-{index}.log"))
+        peak = _wait_for_messages(stats, n, [worker.pid for worker in workers])
     finally:
-        common.stop([p for p in (worker, smtp) if p is not None])
+        common.stop([*workers, smtp])
     counts = _read(stats)
     if counts["messages"] != n or (not naive and counts["message_ids"] != n):
         raise RuntimeError(f"expected {n} messages once each, the server counted {counts}")
@@ -188,13 +192,13 @@ def _read(stats: Path) -> dict[str, float]:
         return {"messages": 0, "message_ids": 0, "first": 0.0, "last": 0.0}
 
 
-def _wait_for_messages(stats: Path, n: int, pid: int, timeout: float = 600) -> float:
-    """Poll until n messages arrived; return the worker tree's peak RSS in MiB meanwhile."""
+def _wait_for_messages(stats: Path, n: int, pids: list[int], timeout: float = 600) -> float:
+    """Poll until n messages arrived; return the workers' trees' peak RSS in MiB meanwhile."""
     deadline, peak = time.monotonic() + timeout, 0.0
     while _read(stats)["messages"] < n:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only part of {n} messages arrived in {timeout}s; see {LOGS}")
-        peak = max(peak, common.tree_rss([pid])["total"])
+        peak = max(peak, common.tree_rss(pids)["total"])
         time.sleep(0.1)
     time.sleep(0.5)  # a duplicate would arrive now
     return peak
@@ -214,7 +218,7 @@ def run(redis_url: str, quick: bool = False) -> list[common.Row]:
             common.row(setup.label, "messages per second", measured["rate"], "msg/s"),
             common.row(
                 setup.label,
-                f"bound: {setup.connections} connections x {per_connection:.1f}/s",
+                f"bound: {setup.connections_how}{setup.connections} connections x {per_connection:.1f}/s",
                 bound,
                 "msg/s",
             ),
