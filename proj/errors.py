@@ -61,6 +61,10 @@ class RateLimitedError(TransientError):
         self.retry_after = retry_after
 
 
+class StillRunningError(RateLimitedError):
+    """Raised when an earlier run of the same task may still be sending; come back after `retry_after`."""
+
+
 class InvalidEmailError(PermanentError):
     """Raised when a message cannot be built: bad address, header, body, template or attachment."""
 

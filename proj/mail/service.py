@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import random
+import uuid
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
 import redis
 
-from proj.errors import EmailDeliveryError, PermanentError, RateLimitedError
+from proj.errors import EmailDeliveryError, PermanentError, RateLimitedError, StillRunningError
 from proj.ledger import Ledger
 from proj.mail.message import EmailRequest, message_id_for, sender_address
 from proj.mail.mime import build_message, to_bytes
@@ -51,30 +52,40 @@ class Mailer:
         except redis.RedisError as exc:  # no ledger, no sending: try again when Redis is back
             raise EmailDeliveryError(f"Redis unavailable for the email ledger: {exc}") from exc
 
+    @property
+    def claim_window(self) -> float:
+        """Seconds a run may hold a claim before handing over: every SMTP step is bounded by the timeout."""
+        return 2 * self.settings.smtp_timeout + 10
+
     def _deliver(self, request: EmailRequest, owner: str, send: SendFn) -> dict[str, Any]:
-        key = request.idempotency_key
-        claim = self.ledger.claim(key, owner)
+        key, run = request.idempotency_key, uuid.uuid4().hex
+        claim = self.ledger.claim(key, owner, run, self.claim_window)
         if claim.status == "sent":
             logger.info("Message %s was already sent; not sending again", key)
             return {**claim.record["outcome"], "duplicate": True}
         if claim.status == "busy":
             raise EmailDeliveryError(f"message {key!r} is being sent by task {claim.record.get('owner')}")
+        if claim.status == "live":
+            # Redelivered while the first run may still be sending (visibility timeout passed).
+            raise StillRunningError(
+                f"an earlier run of task {owner} may still be sending {key!r}", claim.retry_after + 1
+            )
         if claim.ambiguous:
             logger.warning("Task %s died while the server held message %s; sending again", owner, key)
-        self._take_slots(request, owner)
-        outcome = self._transact(request, owner, send)
+        self._take_slots(request, owner, run)
+        outcome = self._transact(request, owner, run, send)
         self.ledger.sent(key, owner, outcome)
         return {**outcome, "duplicate": False}
 
-    def _take_slots(self, request: EmailRequest, owner: str) -> None:
+    def _take_slots(self, request: EmailRequest, owner: str, run: str) -> None:
         """One slot per recipient domain, or give the claim back and say when to come back."""
         wait = self.limiter.acquire(addr.rpartition("@")[2] for addr in request.recipients)
         if wait > 0:
-            self.ledger.release(request.idempotency_key, owner)
+            self.ledger.release(request.idempotency_key, owner, run)
             retry_after = wait + random.uniform(0, max(wait, 0.05))  # spread the herd
             raise RateLimitedError(f"rate limit reached; retry in {retry_after:.2f}s", retry_after)
 
-    def _transact(self, request: EmailRequest, owner: str, send: SendFn) -> dict[str, Any]:
+    def _transact(self, request: EmailRequest, owner: str, run: str, send: SendFn) -> dict[str, Any]:
         """Build and send; keep the "sending" mark only when the outcome is unknown."""
         key = request.idempotency_key
         message_id = message_id_for(key, self.settings)
@@ -83,17 +94,20 @@ class Mailer:
 
         def before_data() -> None:
             nonlocal handed_over
-            self.ledger.sending(key, owner)
+            if not self.ledger.sending(key, owner, run, self.claim_window):
+                raise EmailDeliveryError(f"held the claim on {key!r} past its window; not handing over")
             handed_over = True
 
         try:
             refused = send(sender_address(self.settings), request.recipients, data, before_data)
         except (PermanentError, TemporaryReplyError):
-            self.ledger.release(key, owner)  # the server answered: it does not hold the message
+            self.ledger.release(key, owner, run)  # the server answered: it does not hold the message
             raise
         except EmailDeliveryError:
-            if not handed_over:
-                self.ledger.release(key, owner)
+            if handed_over:
+                self.ledger.abandon(key, owner, run)  # ambiguous: the owner's retry sends again
+            else:
+                self.ledger.release(key, owner, run)
             raise
         accepted = [r for r in request.recipients if r not in refused]
         logger.info("Sent %s to %d recipient(s), %d refused", message_id, len(accepted), len(refused))

@@ -12,6 +12,7 @@ from proj.ledger import Ledger
 from proj.mail import Mailer, validate
 from proj.ratelimit import DomainRateLimiter, parse_limits
 from proj.settings import Settings
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +36,38 @@ def test_ledger_states(redis_client):
     assert ledger.claim("j", "task-5").status == "busy"
     ledger.release("j", "task-3")
     assert ledger.claim("j", "task-5").status == "new"
+
+
+def test_ledger_keeps_a_redelivered_copy_away_from_a_live_run(redis_client):
+    """On Redis a message still running past its visibility timeout is delivered again, same task id."""
+    ledger = Ledger(redis_client, "test", ttl=60)
+    assert ledger.claim("k", "task-1", "run-a", window=30).status == "new"
+    copy = ledger.claim("k", "task-1", "run-b", window=30)
+    assert copy.status == "live" and 29 < copy.retry_after <= 30  # the copy comes back later
+    assert ledger.sending("k", "task-1", "run-a", window=30)  # the first run still hands over
+    assert ledger.claim("k", "task-1", "run-b", window=30).status == "live"
+    ledger.sent("k", "task-1", {"message_id": "<m>"})
+    assert ledger.claim("k", "task-1", "run-b", window=30).status == "sent"
+
+
+def test_ledger_lets_a_copy_take_over_once_the_window_passed(redis_client):
+    ledger = Ledger(redis_client, "test", ttl=60)
+    assert ledger.claim("k", "task-1", "run-a", window=0.2).status == "new"
+    wait_for(lambda: ledger.claim("k", "task-1", "run-b", window=0.2).status == "resume", timeout=5)
+    # The first run woke up too late: it must not hand over, and cannot release the copy's claim.
+    assert not ledger.sending("k", "task-1", "run-a", window=0.2)
+    ledger.release("k", "task-1", "run-a")
+    assert ledger.get("k")["run"] == "run-b"
+    assert ledger.sending("k", "task-1", "run-b", window=0.2)
+
+
+def test_ledger_abandoned_send_is_resumed_at_once_by_the_owner(redis_client):
+    ledger = Ledger(redis_client, "test", ttl=60)
+    ledger.claim("k", "task-1", "run-a", window=30)
+    assert ledger.sending("k", "task-1", "run-a", window=30)
+    ledger.abandon("k", "task-1", "run-a")  # connection dropped inside DATA: outcome unknown
+    claim = ledger.claim("k", "task-1", "run-b", window=30)
+    assert claim.status == "resume" and claim.ambiguous
 
 
 def test_rate_limiter_is_shared_and_all_or_nothing(redis_client):
