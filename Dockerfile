@@ -24,5 +24,6 @@ ENV FILES_ROOT=/data/files \
     PROJ_LOCAL_DIR=/data
 
 # The email worker unless compose says otherwise; exec form so SIGTERM reaches Celery itself.
-CMD ["celery", "-A", "proj", "worker", "-Q", "email,email_bulk,default", "-P", "threads", "-c", "32", \
+# 16 threads: one process uses one core at most, so run one container per core (compose: replicas).
+CMD ["celery", "-A", "proj", "worker", "-Q", "email,email_bulk,default", "-P", "threads", "-c", "16", \
      "-n", "email@%h", "--without-mingle", "--without-gossip", "-l", "INFO"]
