@@ -1,9 +1,12 @@
 """Enqueue many tasks at once for application code: one connection, the Redis writes pipelined.
 
-Celery glue (imports celery). Each signature goes through the normal `apply_async` path, so routing,
-headers, `before_task_publish` handlers and the `task-sent` event are those of `.delay()`; two things
-differ. kombu's producer batch buffers the LPUSH commands and sends them `batch_size` at a time in
-one round trip, where `.delay()` waits for each. And the `task-sent` events leave after the messages,
+Celery glue (imports celery). Messages, routing, headers, `before_task_publish` handlers and the
+`task-sent` event are those of `.delay()`; three things differ. The first signature of each kind
+(task and options) goes through Celery's `apply_async`, the others are copies of its message with
+their own id and arguments (`proj.celery_bulk`: what `apply_async` would do per message is done per
+copy; signatures it cannot copy, such as countdowns, links or canvases, go through `apply_async`).
+kombu's producer batch buffers the LPUSH commands and sends them `batch_size` at a time in one
+round trip, where `.delay()` waits for each. And the `task-sent` events leave after the messages,
 grouped in one `task.multi` event message, the form Celery's workers use for their own events and
 every event receiver (Flower, `celery events`) unpacks.
 """
@@ -16,6 +19,8 @@ from typing import Any
 
 from celery import Celery, Signature
 from celery.result import AsyncResult
+
+from proj.celery_bulk import Kind, Template, check_arguments, kind_of, record
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +40,12 @@ class _SentEvents:
         """Keep one event instead of publishing it."""
         self.events.append((kind, fields))
 
+    def last_for(self, task_id: str) -> dict[str, Any] | None:
+        """The fields of the last event kept, when it is the one for `task_id`."""
+        if self.events and self.events[-1][1].get("uuid") == task_id:
+            return self.events[-1][1]
+        return None
+
 
 def enqueue_many(
     signatures: Iterable[Signature[Any]], *, app: Celery | None = None, batch_size: int = DEFAULT_BATCH_SIZE
@@ -42,6 +53,7 @@ def enqueue_many(
     """Publish every signature as `.apply_async()` would, in pipelined batches; their results.
 
     Raises:
+        TypeError: a signature's arguments do not fit its task; nothing was published.
         kombu.exceptions.BatchPublishError: a batch failed part-way; which of its messages
             reached Redis is unknown, so re-enqueue them (proj's tasks are idempotent).
     """
@@ -49,34 +61,47 @@ def enqueue_many(
     if not pending:
         return []
     app = app or pending[0].app
+    for sig in pending:
+        check_arguments(sig, app)  # all or nothing: a bad argument stops the batch before any publish
     sent = _SentEvents()
     with app.connection_for_write(transport_options=_NO_REPLAY) as connection:
         # Any: celery-types' Producer stub predates kombu 5.7's batch().
         producer: Any = app.amqp.Producer(connection, auto_declare=False)
-        declared: set[tuple[str, str]] = set()
+        publisher = _Publisher(app, producer, sent)
         with producer.batch(batch_size):
-            results = [_publish(sig, producer, declared, sent) for sig in pending]
+            results = [publisher.publish(sig) for sig in pending]
         _send_events(app, connection, sent.events)
     logger.debug("Enqueued %d tasks in batches of %d", len(results), batch_size)
     return results
 
 
-def _publish(
-    sig: Signature[Any], producer: Any, declared: set[tuple[str, str]], sent: _SentEvents
-) -> AsyncResult[Any]:
-    """Publish one signature; its queue is declared with the first message that goes there."""
-    if "countdown" in sig.options or "eta" in sig.options:
-        # Delayed messages take the task's own path: DelayedTask parks long delays outside the
-        # broker, which it only does when it chooses the producer itself.
-        return sig.apply_async()
-    key = (str(sig.task), str(sig.options.get("queue", "")))
-    options: dict[str, Any] = {"producer": producer, "retry": False, "event_dispatcher": sent}
-    if key in declared:
-        # Skip the per-message declare: the queue exists. No retry: a buffered write cannot fail
-        # here (the batch's flush reports failure for all of them).
-        options["declare"] = ()
-    declared.add(key)
-    return sig.apply_async(**options)
+class _Publisher:
+    """Publishes signatures into one producer batch: copies where it can, whole where it must."""
+
+    def __init__(self, app: Celery, producer: Any, sent: _SentEvents) -> None:
+        self.app, self.producer, self.sent = app, producer, sent
+        self.templates: dict[Kind, Template] = {}
+
+    def publish(self, sig: Signature[Any]) -> AsyncResult[Any]:
+        """Publish one signature; its result."""
+        if "countdown" in sig.options or "eta" in sig.options:
+            # Delayed messages take the task's own path: DelayedTask parks long delays outside the
+            # broker, which it only does when it chooses the producer itself.
+            return sig.apply_async()
+        kind = kind_of(sig, self.app)
+        if kind is None:
+            return sig.apply_async(producer=self.producer, retry=False, event_dispatcher=self.sent)
+        template = self.templates.get(kind)
+        if template is None:
+            result, self.templates[kind] = record(sig, self.app, self.producer, self.sent)
+            return result
+        result, event = template.copy(sig, self.app, self.producer)
+        if event is not None:
+            self.sent.publish("task-sent", event, self.producer)
+        parent = self.app.current_worker_task
+        if parent:
+            parent.add_trail(result)
+        return result
 
 
 def _send_events(app: Celery, connection: Any, events: list[tuple[str, dict[str, Any]]]) -> None:

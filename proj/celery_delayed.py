@@ -66,6 +66,9 @@ def _delay_of(options: dict[str, Any]) -> float:
 class DelayedTask(Task):  # type: ignore[type-arg]
     """Base for tasks whose retries may wait long: such delays never sit in the broker."""
 
+    # Only delayed messages differ from Celery's: proj.bulk may copy the others' messages.
+    apply_async_copyable = True
+
     def apply_async(
         self,
         args: Any = None,

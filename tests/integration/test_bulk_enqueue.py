@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
+import time
+from typing import Any
 
 import pytest
 
 from proj.bulk import enqueue_many
+from proj.status import SENT_AT_HEADER as SENT_AT
+from tests.conftest import smtp_env
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.integration
@@ -69,3 +74,65 @@ def test_a_long_countdown_is_parked_outside_the_broker_as_with_delay(celery_app,
 
 def test_nothing_to_enqueue_is_a_no_op(celery_app):
     assert enqueue_many([]) == []
+
+
+def _mail(n: int) -> Any:
+    from tasks.email import send_email
+
+    return send_email.s(to=f"user{n}@example.com", subject=f"Report {n}", text=f"Body {n}")
+
+
+def test_copied_messages_differ_from_celerys_only_in_their_own_fields(celery_app, redis_client):
+    from celery.utils.saferepr import saferepr
+
+    results = enqueue_many([_mail(n) for n in range(3)])
+    # LPUSH: the newest message is at the head; index 2 is the first, built whole by apply_async.
+    built, *copies = [json.loads(raw) for raw in reversed(redis_client.lrange("email", 0, -1))]
+    own = {"id", "root_id", "argsrepr", "kwargsrepr", SENT_AT}
+    for n, (message, result) in enumerate(zip([built, *copies], results, strict=True)):
+        headers = message["headers"]
+        assert headers["id"] == headers["root_id"] == result.id
+        args, kwargs, embed = json.loads(base64.b64decode(message["body"]))
+        assert (args, kwargs) == ([], _mail(n).kwargs)
+        assert headers["kwargsrepr"] == saferepr(_mail(n).kwargs, 1024)
+        assert message["properties"]["correlation_id"] == result.id
+        assert embed == {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+        assert time.time() - headers[SENT_AT] < 60  # before_task_publish ran for each one
+    for copy in copies:
+        assert {k: v for k, v in copy["headers"].items() if k not in own} == {
+            k: v for k, v in built["headers"].items() if k not in own
+        }
+        assert _without(copy["properties"], "correlation_id", "delivery_tag") == _without(
+            built["properties"], "correlation_id", "delivery_tag"
+        )
+        assert _without(copy, "body", "headers", "properties") == _without(
+            built, "body", "headers", "properties"
+        )
+
+
+def test_a_bad_argument_anywhere_enqueues_nothing(celery_app, redis_client):
+    from tasks.email import send_email
+
+    bad = send_email.s(to="a@example.com", subject="s", colour="red")
+    with pytest.raises(TypeError, match="colour"):
+        enqueue_many([_mail(0), _mail(1), bad, _mail(2)])
+    assert redis_client.llen("email") == 0
+
+
+def test_bulk_mail_is_delivered_once_each_with_its_own_arguments(start_worker, smtp_server, celery_app):
+    start_worker("email,email_bulk", env=smtp_env(smtp_server))
+    n = 40
+    results = enqueue_many([_mail(i) for i in range(n)], batch_size=16)
+
+    answers = [r.get(timeout=60) for r in results]
+    assert len({a["message_id"] for a in answers}) == n
+    received = {m.message["Subject"]: m for m in smtp_server.handler.received}
+    assert sorted(received) == sorted(f"Report {i}" for i in range(n))  # each once, none missing
+    for i in range(n):
+        message = received[f"Report {i}"]
+        assert message.rcpt_tos == [f"user{i}@example.com"]
+        assert message.message.get_body(("plain",)).get_content().strip() == f"Body {i}"
+
+
+def _without(mapping: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in mapping.items() if k not in keys}
