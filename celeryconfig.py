@@ -26,6 +26,8 @@ result_backend = os.environ.get("CELERY_RESULT_BACKEND", _redis_url)
 # kombu's Redis transport minus per-command client objects and reply waits (docs/benchmarks.md).
 if broker_url.startswith("redis://"):
     broker_transport = "proj.broker:Transport"
+# Celery's Redis result backend minus the green-thread sleep(0) calls in .get() (docs/benchmarks.md).
+override_backends = {scheme: "proj.celery_results:RedisBackend" for scheme in ("redis", "rediss")}
 
 # Pickle in a broker is remote code execution for whoever can write to Redis: JSON only.
 task_serializer = "json"

@@ -1,0 +1,84 @@
+"""proj's Redis result backend (proj.celery_results) against a real Redis and a real worker."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from celery import states
+from kombu.utils.uuid import uuid
+
+from proj.celery_results import RECHECK_AFTER, RedisBackend
+
+pytestmark = pytest.mark.integration
+
+CANARY = "tasks.health.canary"
+
+
+def _commands(redis_client) -> dict[str, int]:
+    """Calls per command since the server started (INFO commandstats; a script's commands count)."""
+    stats = redis_client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): entry["calls"] for name, entry in stats.items()}
+
+
+def test_the_app_uses_proj_backend_for_redis_urls(celery_app):
+    assert isinstance(celery_app.backend, RedisBackend)
+
+
+def test_a_round_trip_through_a_real_worker_reads_no_result_with_get(start_worker, celery_app, redis_client):
+    start_worker("default")
+    celery_app.send_task(CANARY).get(timeout=30)  # connections and subscriptions warm
+    before = _commands(redis_client)
+    answers = [celery_app.send_task(CANARY).get(timeout=30) for _ in range(20)]
+    after = _commands(redis_client)
+
+    assert all(a["queue"] == "default" for a in answers)
+    scripts = after.get("evalsha", 0) - before.get("evalsha", 0)
+    gets = after.get("get", 0) - before.get("get", 0)
+    # The worker stored STARTED and SUCCESS of each task with one script call each, the script's
+    # GET being the only one: the caller waited on the published result without reading it first.
+    # Celery's backend: a GET + a MULTI/SET/PUBLISH per store, and a GET per .get() (60 GETs).
+    assert scripts == 2 * 20
+    assert gets == scripts
+
+
+def test_a_stored_success_is_never_overwritten(celery_app, redis_client):
+    backend = celery_app.backend
+    task_id = uuid()
+    backend.store_result(task_id, {"n": 1}, states.SUCCESS)
+    backend.store_result(task_id, None, states.FAILURE, traceback="late duplicate")  # a redelivered copy
+
+    stored = json.loads(redis_client.get(f"celery-task-meta-{task_id}"))
+    assert stored["status"] == states.SUCCESS and stored["result"] == {"n": 1}
+    assert 0 < redis_client.ttl(f"celery-task-meta-{task_id}") <= celery_app.conf.result_expires
+
+
+def test_other_states_are_replaced_and_published(celery_app, redis_client):
+    backend = celery_app.backend
+    task_id = uuid()
+    key = f"celery-task-meta-{task_id}"
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(key)
+    backend.store_result(task_id, {"done": 1}, states.STARTED)
+    backend.store_result(task_id, 7, states.SUCCESS)
+
+    published = []
+    deadline = time.monotonic() + 10
+    while len(published) < 2 and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=1)
+        if message:
+            published.append(json.loads(message["data"])["status"])
+    pubsub.close()
+    assert published == [states.STARTED, states.SUCCESS]
+    assert json.loads(redis_client.get(key))["result"] == 7
+
+
+def test_a_result_published_before_its_subscription_is_still_found(celery_app, redis_client):
+    # The race the skipped GET leaves: the result was stored and published before the caller's
+    # subscription reached Redis. The caller finds it with its one GET after RECHECK_AFTER.
+    backend = celery_app.backend
+    task_id = uuid()
+    backend.store_result(task_id, "early", states.SUCCESS)
+    backend.on_task_call(None, task_id)  # subscribes now and marks it subscribed-before-publish
+    assert celery_app.AsyncResult(task_id).get(timeout=RECHECK_AFTER + 10) == "early"
