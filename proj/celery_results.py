@@ -13,6 +13,9 @@ Celery's backend unchanged.
   and still reads it once if nothing has arrived after `RECHECK_AFTER` seconds (a subscription
   delayed on the network past the result; a lost pub/sub connection is caught up by Celery's own
   reconnect, which reads every subscribed result).
+- Once a result has arrived, Celery unsubscribes from its channel right away, one UNSUBSCRIBE per
+  result before `.get()` returns. Here the channels of finished results are unsubscribed
+  `UNSUBSCRIBE_BATCH` at a time in one command (a finished result is not published again).
 - A worker storing a result first GETs the stored one, so that a redelivered task cannot overwrite
   a SUCCESS (Celery's guard against duplicates), then SETs and PUBLISHes: two round trips, the
   first one on the path of every `.get()`. Here one Lua script does the same check, the SET and the
@@ -57,6 +60,8 @@ end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 """
+# Finished results whose channels are unsubscribed together, in one command.
+UNSUBSCRIBE_BATCH = 64
 # Tasks sent but not yet waited for, remembered as subscribed-before-publish (oldest forgotten first:
 # a forgotten one only costs its .get() the GET).
 MAX_REMEMBERED = 10_000
@@ -112,6 +117,34 @@ class ResultConsumer(_celery.ResultConsumer):  # type: ignore[misc]
             raise CeleryTimeoutError("The operation timed out.") from None
         finally:
             self.on_message = previous
+
+    def cancel_for(self, task_id: str) -> None:
+        """Stop listening for `task_id`'s result: with the next UNSUBSCRIBE_BATCH - 1 others."""
+        if self.green:
+            super().cancel_for(task_id)
+            return
+        self._pending_unsubscribe.add(self._get_key_for_task(task_id))
+        self._flush_pending_unsubscribe()
+
+    def _flush_pending_unsubscribe(self) -> None:
+        """Celery's non-blocking unsubscribe of the pending channels, once a batch is there."""
+        if self.green:
+            super()._flush_pending_unsubscribe()
+            return
+        if self._lock_depth.value or len(self._pending_unsubscribe) < UNSUBSCRIBE_BATCH:
+            return  # inside a pubsub operation (its end comes back here), or too few yet
+        while self._pending_unsubscribe and self._pubsub_lock.acquire(blocking=False):
+            self._lock_depth.value += 1
+            try:
+                keys = [key for key in self._pending_unsubscribe if key in self.subscribed_to]
+                self._pending_unsubscribe.clear()
+                self.subscribed_to.difference_update(keys)
+                if keys and self._pubsub:
+                    with self.reconnect_on_error():
+                        self._pubsub.unsubscribe(*keys)
+            finally:
+                self._lock_depth.value -= 1
+                self._pubsub_lock.release()
 
     def _recheck_later(self, result: Any, on_interval: Callable[[], Any] | None) -> Callable[[], Any]:
         """`on_interval` plus one GET of the result if it has not arrived by RECHECK_AFTER."""

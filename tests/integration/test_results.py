@@ -9,7 +9,7 @@ import pytest
 from celery import states
 from kombu.utils.uuid import uuid
 
-from proj.celery_results import RECHECK_AFTER, RedisBackend
+from proj.celery_results import RECHECK_AFTER, UNSUBSCRIBE_BATCH, RedisBackend
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +82,19 @@ def test_a_result_published_before_its_subscription_is_still_found(celery_app, r
     backend.store_result(task_id, "early", states.SUCCESS)
     backend.on_task_call(None, task_id)  # subscribes now and marks it subscribed-before-publish
     assert celery_app.AsyncResult(task_id).get(timeout=RECHECK_AFTER + 10) == "early"
+
+
+def test_finished_results_are_unsubscribed_in_batches_and_never_pile_up(
+    start_worker, celery_app, redis_client
+):
+    start_worker("default")
+    celery_app.send_task(CANARY).get(timeout=30)
+    before = _commands(redis_client)
+    for _ in range(3 * UNSUBSCRIBE_BATCH):
+        celery_app.send_task(CANARY).get(timeout=30)
+    after = _commands(redis_client)
+
+    # One UNSUBSCRIBE per batch of finished results instead of one per result ...
+    assert after.get("unsubscribe", 0) - before.get("unsubscribe", 0) == 3
+    # ... and no more than a batch of finished results' channels still subscribed.
+    assert len(redis_client.pubsub_channels("celery-task-meta-*")) < UNSUBSCRIBE_BATCH
