@@ -1,7 +1,9 @@
 """One producer process: `python -m bench._producer {delay|bulk|roundtrip} APP N`, JSON out.
 
 APP is `stock`, `proj`, or an ablation of proj: `proj-kombu` (kombu's own Redis transport),
-`proj-started` (round trip of a task that tracks STARTED).
+`proj-started` (round trip of a task that tracks STARTED), `proj-sync-sent` (the `task-sent`
+event published inside each `.delay()`, as Celery does), `proj-bulk-whole` (`enqueue_many` without
+copying messages: every signature through `apply_async`).
 
 Each measurement runs in a fresh process so that result subscriptions and connection pools left
 behind by one scenario cannot slow down the next.
@@ -29,6 +31,12 @@ def _task(app_name: str, kind: str) -> Any:
         _projtasks.app.conf.broker_transport = None
     if app_name == "proj-started":  # ablation: the STARTED state tracked, proj's default
         return _projtasks.echo_started
+    if app_name == "proj-bulk-whole":  # ablation: enqueue_many builds every message with apply_async
+        import proj.bulk
+
+        proj.bulk.kind_of = lambda sig, app: None
+    if app_name == "proj-sync-sent":  # ablation: Celery's own task-sent publish inside .delay()
+        _projtasks.app.amqp.__dict__["_event_dispatcher"] = _projtasks.app.events.Dispatcher(enabled=False)
     return _projtasks.echo if kind == "echo" else _projtasks.noop
 
 

@@ -65,8 +65,8 @@ def child_env(redis_url: str, **extra: str) -> dict[str, str]:
         CELERY_BROKER_URL=redis_url,
         CELERY_RESULT_BACKEND=redis_url,
         PYTHONUNBUFFERED="1",
-        **extra,
     )
+    env.update(extra)  # an ablation may replace one of the above
     return env
 
 

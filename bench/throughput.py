@@ -215,12 +215,14 @@ def drain(config: Config, redis_url: str, n: int) -> dict[str, float]:
 # --- (b), (c) producers ------------------------------------------------------------------------
 
 
-def producer(mode: str, app: str, n: int, redis_url: str) -> dict[str, float]:
+def producer(
+    mode: str, app: str, n: int, redis_url: str, env: dict[str, str] | None = None
+) -> dict[str, float]:
     """Run bench._producer in a fresh process and return its figures."""
     out = subprocess.run(
         [sys.executable, "-m", "bench._producer", mode, app, str(n)],
         cwd=common.ROOT,
-        env=common.child_env(redis_url),
+        env=common.child_env(redis_url, **(env or {})),
         capture_output=True,
         text=True,
         timeout=600,
@@ -331,43 +333,67 @@ def enqueue_rows(redis_url: str, n: int) -> list[common.Row]:
     delay = producer("delay", "proj", n, redis_url)["per_second"]
     bulk = producer("bulk", "proj", n * 4, redis_url)["per_second"]
     kombu = producer("delay", "proj-kombu", n, redis_url)["per_second"]
+    sync_sent = producer("delay", "proj-sync-sent", n, redis_url)["per_second"]
+    whole = producer("bulk", "proj-bulk-whole", n * 4, redis_url)["per_second"]
     scenario = "(b) enqueue from one producer"
     return [
         common.row(scenario, "stock .delay()", stock, "1/s"),
         common.row(scenario, "proj .delay()", delay, "1/s"),
         common.row(scenario, "proj enqueue_many()", bulk, "1/s"),
         common.row(scenario, "proj .delay(), kombu's own Redis transport", kombu, "1/s"),
+        common.row(scenario, "proj enqueue_many(), every message built by apply_async", whole, "1/s"),
         common.ratio(scenario, "proj enqueue_many() / proj .delay()", bulk, delay),
         common.ratio(scenario, "proj enqueue_many() / stock .delay()", bulk, stock),
         common.ratio(scenario, "proj .delay() / stock .delay()", delay, stock),
         common.ratio(scenario, "proj .delay() / same with kombu's transport", delay, kombu),
+        common.ratio(
+            scenario, "proj .delay() / same with its task-sent event published inside", delay, sync_sent
+        ),
+        common.ratio(
+            scenario, "proj enqueue_many() / same building every message by apply_async", bulk, whole
+        ),
     ]
 
 
 def roundtrip(config: Config, redis_url: str, n: int) -> dict[str, float]:
-    """(c) `.delay().get()` n times against idle workers of `config`."""
+    """(c) `.delay().get()` n times against idle workers of `config` (its env for both ends)."""
     common.flush(redis_url)
     procs = start_workers(config, redis_url, "roundtrip")
     try:
-        return producer("roundtrip", config.app, n, redis_url)
+        return producer("roundtrip", config.app, n, redis_url, env=config.env)
     finally:
         common.stop(procs)
 
 
-def roundtrip_rows(redis_url: str, n: int) -> list[common.Row]:
-    """(c) round trip p50/p99, stock vs proj."""
-    stock, proj = roundtrip(stock_config(), redis_url, n), roundtrip(production_config(), redis_url, n)
-    started = roundtrip(Config("started", "proj-started", production_config().workers), redis_url, n)
-    scenario = f"(c) round trip .delay().get(), {n:,} sequential"
+def roundtrip_ablations(redis_url: str) -> list[Config]:
+    """proj's round trip with one of its changes undone, workers and caller alike."""
+    workers = production_config().workers
+    celery_backend = {"CELERY_RESULT_BACKEND": f"celery.backends.redis:RedisBackend+{redis_url}"}
     return [
+        Config("Celery's own Redis result backend", "proj", workers, env=celery_backend),
+        Config("task-sent event published inside .delay()", "proj-sync-sent", workers),
+        Config("STARTED tracked", "proj-started", workers),
+    ]
+
+
+def roundtrip_rows(redis_url: str, n: int) -> list[common.Row]:
+    """(c) round trip p50/p99, stock vs proj, and proj minus each of its round-trip changes."""
+    stock, proj = roundtrip(stock_config(), redis_url, n), roundtrip(production_config(), redis_url, n)
+    scenario = f"(c) round trip .delay().get(), {n:,} sequential"
+    rows = [
         common.row(scenario, "stock p50", stock["p50"], "µs"),
         common.row(scenario, "stock p99", stock["p99"], "µs"),
         common.row(scenario, "proj p50", proj["p50"], "µs"),
         common.row(scenario, "proj p99", proj["p99"], "µs"),
-        common.row(scenario, "proj p50, STARTED tracked", started["p50"], "µs"),
         common.ratio(scenario, "proj p50 / stock p50", proj["p50"], stock["p50"]),
-        common.ratio(scenario, "proj p50 with STARTED / stock p50", started["p50"], stock["p50"]),
     ]
+    for config in roundtrip_ablations(redis_url):
+        undone = roundtrip(config, redis_url, n)
+        rows += [
+            common.row(scenario, f"proj p50, but {config.label}", undone["p50"], "µs"),
+            common.ratio(scenario, f"this / proj p50, {config.label}", undone["p50"], proj["p50"]),
+        ]
+    return rows
 
 
 def rss_rows(redis_url: str) -> list[common.Row]:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,3 +203,27 @@ class WorkerProcess:
         for proc in [*parent.children(recursive=True), parent]:
             proc.kill()
         self.proc.wait(10)
+
+
+class EventMonitor:
+    """What Flower does: a Celery event receiver on its own connection, in a thread, until stopped."""
+
+    def __init__(self, app: Any, redis_client: Any, kind: str = "task-sent") -> None:
+        self.events: list[dict[str, Any]] = []
+        numpat = redis_client.execute_command("PUBSUB", "NUMPAT")
+        self._connection = app.connection_for_read()
+        self._receiver = app.events.Receiver(self._connection, handlers={kind: self.events.append})
+        self._thread = threading.Thread(target=self._receiver.capture, kwargs={"timeout": 60}, daemon=True)
+        self._thread.start()
+        wait_for(lambda: redis_client.execute_command("PUBSUB", "NUMPAT") > numpat, what="the event receiver")
+
+    def events_for(self, ids: list[str], timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Wait until every id has an event (earlier tests' late events are left out); stop; them."""
+        wanted = set(ids)
+        try:
+            wait_for(lambda: wanted <= {e["uuid"] for e in self.events}, timeout=timeout, what="the events")
+        finally:
+            self._receiver.should_stop = True
+            self._thread.join(10)
+            self._connection.release()
+        return [e for e in self.events if e["uuid"] in wanted]

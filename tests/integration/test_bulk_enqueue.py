@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 from proj.bulk import enqueue_many
 from proj.status import SENT_AT_HEADER as SENT_AT
 from tests.conftest import smtp_env
-from tests.harness import wait_for
+from tests.harness import EventMonitor
 
 pytestmark = pytest.mark.integration
 
@@ -49,17 +48,11 @@ def test_routing_and_headers_are_those_of_delay(celery_app, redis_client):
 
 
 def test_task_sent_events_reach_monitors(celery_app, redis_client):
-    seen: list[str] = []
-    numpat = redis_client.execute_command("PUBSUB", "NUMPAT")
-    with celery_app.connection_for_read() as connection:
-        handlers = {"task-sent": lambda event: seen.append(event["uuid"])}
-        receiver = celery_app.events.Receiver(connection, handlers=handlers)
-        thread = threading.Thread(target=receiver.capture, kwargs={"limit": 3, "timeout": 30}, daemon=True)
-        thread.start()
-        wait_for(lambda: redis_client.execute_command("PUBSUB", "NUMPAT") > numpat, what="the event receiver")
-        results = enqueue_many([celery_app.signature(CANARY) for _ in range(3)])
-        thread.join(30)
-    assert sorted(seen) == sorted(r.id for r in results)
+    monitor = EventMonitor(celery_app, redis_client)
+    results = enqueue_many([celery_app.signature(CANARY) for _ in range(3)])
+    events = monitor.events_for([r.id for r in results])
+    assert sorted(e["uuid"] for e in events) == sorted(r.id for r in results)  # each once
+    assert {e["queue"] for e in events} == {"default"}
 
 
 def test_a_long_countdown_is_parked_outside_the_broker_as_with_delay(celery_app, redis_client):

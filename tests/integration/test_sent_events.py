@@ -3,47 +3,19 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
-from typing import Any
 
 import pytest
 
-from tests.harness import wait_for
+from tests.harness import EventMonitor
 
 pytestmark = pytest.mark.integration
 
 CANARY = "tasks.health.canary"
 
 
-class _Monitor:
-    """What Flower does: a celery event receiver on its own connection, in a thread."""
-
-    def __init__(self, app: Any, redis_client: Any, expected: int) -> None:
-        self.events: list[dict[str, Any]] = []
-        numpat = redis_client.execute_command("PUBSUB", "NUMPAT")
-        self._connection = app.connection_for_read()
-        self._receiver = receiver = app.events.Receiver(
-            self._connection, handlers={"task-sent": self._on_sent}
-        )
-        self._expected = expected
-        self._thread = threading.Thread(target=receiver.capture, kwargs={"timeout": 30}, daemon=True)
-        self._thread.start()
-        wait_for(lambda: redis_client.execute_command("PUBSUB", "NUMPAT") > numpat, what="the event receiver")
-
-    def _on_sent(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
-        if len(self.events) >= self._expected:
-            self._receiver.should_stop = True
-
-    def wait(self) -> list[dict[str, Any]]:
-        self._thread.join(30)
-        self._connection.release()
-        return self.events
-
-
 def test_each_delay_is_seen_sent_with_the_time_it_was_sent(celery_app, redis_client):
-    monitor = _Monitor(celery_app, redis_client, expected=3)
+    monitor = EventMonitor(celery_app, redis_client)
     sent = []
     for _ in range(3):
         before = time.time()
@@ -51,8 +23,9 @@ def test_each_delay_is_seen_sent_with_the_time_it_was_sent(celery_app, redis_cli
         sent.append((result.id, before, time.time()))
         time.sleep(0.05)  # longer than a batch: the three leave in separate batches
 
-    events = {e["uuid"]: e for e in monitor.wait()}
-    assert sorted(events) == sorted(task_id for task_id, _, _ in sent)
+    received = monitor.events_for([task_id for task_id, _, _ in sent])
+    events = {e["uuid"]: e for e in received}
+    assert len(received) == len(events) == 3
     for task_id, before, after in sent:
         event = events[task_id]
         assert event["name"] == CANARY and event["queue"] == "default"
@@ -61,16 +34,14 @@ def test_each_delay_is_seen_sent_with_the_time_it_was_sent(celery_app, redis_cli
 
 def test_a_burst_of_delays_loses_no_event(celery_app, redis_client):
     n = 300  # more than one batch of BUFFER_LIMIT
-    monitor = _Monitor(celery_app, redis_client, expected=n)
+    monitor = EventMonitor(celery_app, redis_client)
     ids = [celery_app.send_task(CANARY).id for _ in range(n)]
-    seen = [e["uuid"] for e in monitor.wait()]
-    assert sorted(seen) == sorted(ids)
+    assert sorted(e["uuid"] for e in monitor.events_for(ids)) == sorted(ids)  # each once
 
 
 def test_a_forked_child_sends_its_own_events(celery_app, redis_client):
     celery_app.send_task(CANARY)  # the parent's sender thread and connection exist before the fork
-    celery_app.amqp._event_dispatcher.flush()  # and its event has left before the monitor listens
-    monitor = _Monitor(celery_app, redis_client, expected=1)
+    monitor = EventMonitor(celery_app, redis_client)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: as a prefork pool process would, it publishes a task, then lives on
@@ -83,4 +54,4 @@ def test_a_forked_child_sends_its_own_events(celery_app, redis_client):
     os.close(write)
     child_task = os.read(read, 100).decode()
     os.waitpid(pid, 0)
-    assert [e["uuid"] for e in monitor.wait()] == [child_task]
+    assert [e["uuid"] for e in monitor.events_for([child_task])] == [child_task]
