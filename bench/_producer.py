@@ -1,8 +1,8 @@
 """One producer process: `python -m bench._producer {delay|bulk|roundtrip} APP N`, JSON out.
 
 APP is `stock`, `proj`, or an ablation of proj: `proj-kombu` (kombu's own Redis transport),
-`proj-started` (round trip of a task that tracks STARTED), `proj-sync-sent` (the `task-sent`
-event published inside each `.delay()`, as Celery does), `proj-bulk-whole` (`enqueue_many` without
+`proj-started` (round trip of a task that tracks STARTED), `proj-kombu-declare` (kombu's own
+queue re-declaration on every publish), `proj-bulk-whole` (`enqueue_many` without
 copying messages: every signature through `apply_async`).
 
 Each measurement runs in a fresh process so that result subscriptions and connection pools left
@@ -35,8 +35,12 @@ def _task(app_name: str, kind: str) -> Any:
         import proj.bulk
 
         proj.bulk.kind_of = lambda sig, app: None
-    if app_name == "proj-sync-sent":  # ablation: Celery's own task-sent publish inside .delay()
-        _projtasks.app.amqp.__dict__["_event_dispatcher"] = _projtasks.app.events.Dispatcher(enabled=False)
+    if app_name == "proj-kombu-declare":  # ablation: kombu's maybe_declare on every publish
+        from kombu import Producer
+
+        import proj.celery_amqp
+
+        proj.celery_amqp.Producer.maybe_declare = Producer.maybe_declare  # type: ignore[method-assign]
     return _projtasks.echo if kind == "echo" else _projtasks.noop
 
 

@@ -333,7 +333,7 @@ def enqueue_rows(redis_url: str, n: int) -> list[common.Row]:
     delay = producer("delay", "proj", n, redis_url)["per_second"]
     bulk = producer("bulk", "proj", n * 4, redis_url)["per_second"]
     kombu = producer("delay", "proj-kombu", n, redis_url)["per_second"]
-    sync_sent = producer("delay", "proj-sync-sent", n, redis_url)["per_second"]
+    declare = producer("delay", "proj-kombu-declare", n, redis_url)["per_second"]
     whole = producer("bulk", "proj-bulk-whole", n * 4, redis_url)["per_second"]
     scenario = "(b) enqueue from one producer"
     return [
@@ -346,9 +346,7 @@ def enqueue_rows(redis_url: str, n: int) -> list[common.Row]:
         common.ratio(scenario, "proj enqueue_many() / stock .delay()", bulk, stock),
         common.ratio(scenario, "proj .delay() / stock .delay()", delay, stock),
         common.ratio(scenario, "proj .delay() / same with kombu's transport", delay, kombu),
-        common.ratio(
-            scenario, "proj .delay() / same with its task-sent event published inside", delay, sync_sent
-        ),
+        common.ratio(scenario, "proj .delay() / same with kombu's declaration check", delay, declare),
         common.ratio(
             scenario, "proj enqueue_many() / same building every message by apply_async", bulk, whole
         ),
@@ -371,7 +369,7 @@ def roundtrip_ablations(redis_url: str) -> list[Config]:
     celery_backend = {"CELERY_RESULT_BACKEND": f"celery.backends.redis:RedisBackend+{redis_url}"}
     return [
         Config("Celery's own Redis result backend", "proj", workers, env=celery_backend),
-        Config("task-sent event published inside .delay()", "proj-sync-sent", workers),
+        Config("kombu's declaration check in .delay()", "proj-kombu-declare", workers),
         Config("STARTED tracked", "proj-started", workers),
     ]
 
