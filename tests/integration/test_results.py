@@ -94,7 +94,8 @@ def test_finished_results_are_unsubscribed_in_batches_and_never_pile_up(
         celery_app.send_task(CANARY).get(timeout=30)
     after = _commands(redis_client)
 
-    # One UNSUBSCRIBE per batch of finished results instead of one per result ...
-    assert after.get("unsubscribe", 0) - before.get("unsubscribe", 0) == 3
+    # One UNSUBSCRIBE per batch of finished results instead of one per result (3 batches, or 4 with
+    # the finished results earlier tests left pending) ...
+    assert 3 <= after.get("unsubscribe", 0) - before.get("unsubscribe", 0) <= 4
     # ... and no more than a batch of finished results' channels still subscribed.
     assert len(redis_client.pubsub_channels("celery-task-meta-*")) < UNSUBSCRIBE_BATCH
