@@ -99,3 +99,14 @@ def test_finished_results_are_unsubscribed_in_batches_and_never_pile_up(
     assert 3 <= after.get("unsubscribe", 0) - before.get("unsubscribe", 0) <= 4
     # ... and no more than a batch of finished results' channels still subscribed.
     assert len(redis_client.pubsub_channels("celery-task-meta-*")) < UNSUBSCRIBE_BATCH
+
+
+def test_a_result_published_while_the_subscription_was_cut_is_not_lost(start_worker, celery_app, redis_client):
+    start_worker("default")
+    celery_app.send_task(CANARY).get(timeout=30)
+    result = celery_app.send_task(CANARY, kwargs={"hold": 2})
+    # The caller's pub/sub connection drops while the task runs (a network cut, a proxy restart):
+    # the published result never reaches it, and this .get() skipped its first read.
+    host, port = celery_app.backend.result_consumer._pubsub.connection._sock.getsockname()[:2]
+    assert redis_client.client_kill_filter(addr=f"{host}:{port}") == 1
+    assert result.get(timeout=30)["queue"] == "default"
