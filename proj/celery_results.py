@@ -45,11 +45,17 @@ _waiting_on: Any = vars(celery_asynchronous)["_waiting_on"]
 RECHECK_AFTER = 1.0
 # Store a result unless a SUCCESS is stored already; publish what was stored. KEYS: result key.
 # ARGV: encoded meta, expiry in seconds (0: none). Returns 1 when stored, 0 when a SUCCESS was kept.
+# Celery's JSON meta starts with its status: read it there rather than decode a result of any size
+# inside Redis; other encodings are decoded.
 STORE_UNLESS_SUCCEEDED = """
 local current = redis.call('GET', KEYS[1])
 if current then
-  local ok, meta = pcall(cjson.decode, current)
-  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
+  local status = string.match(current, '^{"status": *"(%u+)"')
+  if not status then
+    local ok, meta = pcall(cjson.decode, current)
+    if ok and type(meta) == 'table' then status = meta['status'] end
+  end
+  if status == 'SUCCESS' then return 0 end
 end
 local expires = tonumber(ARGV[2])
 if expires > 0 then

@@ -54,6 +54,14 @@ def test_a_stored_success_is_never_overwritten(celery_app, redis_client):
     assert 0 < redis_client.ttl(f"celery-task-meta-{task_id}") <= celery_app.conf.result_expires
 
 
+def test_a_success_written_with_another_key_order_is_kept_too(celery_app, redis_client):
+    # The script reads the status from the start of Celery's JSON, and decodes anything else.
+    key = f"celery-task-meta-{uuid()}"
+    redis_client.set(key, json.dumps({"result": 1, "task_id": key[17:], "status": states.SUCCESS}))
+    celery_app.backend.store_result(key[17:], 2, states.FAILURE)
+    assert json.loads(redis_client.get(key))["result"] == 1
+
+
 def test_other_states_are_replaced_and_published(celery_app, redis_client):
     backend = celery_app.backend
     task_id = uuid()
