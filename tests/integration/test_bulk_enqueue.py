@@ -129,3 +129,20 @@ def test_bulk_mail_is_delivered_once_each_with_its_own_arguments(start_worker, s
 
 def _without(mapping: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in mapping.items() if k not in keys}
+
+
+def test_copies_sent_from_inside_a_task_name_it_as_parent_and_root(
+    inprocess_worker, celery_app, redis_client
+):
+    @celery_app.task(name="tasks.tests.fan_out", shared=False)
+    def fan_out() -> list[str]:
+        return [r.id for r in enqueue_many([celery_app.signature(CANARY, args=(0.0,)) for _ in range(3)])]
+
+    monitor = EventMonitor(celery_app, redis_client)
+    parent = fan_out.delay()
+    children = parent.get(timeout=30)
+    events = monitor.events_for(children)
+
+    assert len(events) == 3  # the first built by apply_async, the two others copies of it
+    assert {(e["parent_id"], e["root_id"]) for e in events} == {(parent.id, parent.id)}
+    assert [celery_app.AsyncResult(c).get(timeout=30)["queue"] for c in children] == ["default"] * 3
