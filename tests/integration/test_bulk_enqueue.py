@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from proj.bulk import enqueue_many
+from proj.celery import app as proj_app
 from proj.status import SENT_AT_HEADER as SENT_AT
 from tests.conftest import smtp_env
 from tests.harness import EventMonitor
@@ -131,18 +132,18 @@ def _without(mapping: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in mapping.items() if k not in keys}
 
 
-def test_copies_sent_from_inside_a_task_name_it_as_parent_and_root(
-    inprocess_worker, celery_app, redis_client
-):
-    @celery_app.task(name="tasks.tests.fan_out", shared=False)
-    def fan_out() -> list[str]:
-        return [r.id for r in enqueue_many([celery_app.signature(CANARY, args=(0.0,)) for _ in range(3)])]
+@proj_app.task(name="tasks.tests.fan_out", shared=False)
+def fan_out() -> list[str]:
+    """Enqueue three canaries from inside a task (registered at import: workers learn tasks at start)."""
+    return [r.id for r in enqueue_many([proj_app.signature(CANARY, args=(0.0,)) for _ in range(3)])]
 
-    monitor = EventMonitor(celery_app, redis_client)
+
+def test_copies_sent_from_inside_a_task_name_it_as_parent_and_root(inprocess_worker, redis_client):
+    monitor = EventMonitor(proj_app, redis_client)
     parent = fan_out.delay()
     children = parent.get(timeout=30)
     events = monitor.events_for(children)
 
     assert len(events) == 3  # the first built by apply_async, the two others copies of it
     assert {(e["parent_id"], e["root_id"]) for e in events} == {(parent.id, parent.id)}
-    assert [celery_app.AsyncResult(c).get(timeout=30)["queue"] for c in children] == ["default"] * 3
+    assert [proj_app.AsyncResult(c).get(timeout=30)["queue"] for c in children] == ["default"] * 3
