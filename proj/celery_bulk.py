@@ -3,10 +3,10 @@
 Celery glue (imports celery). The first signature of a kind (same task, same options) goes through
 Celery's whole `apply_async`, with a recording producer in place of the real one; the message it
 would have published becomes the template. Every other signature of that kind is the template with
-the per-message fields replaced (task id, root id, argument reprs, correlation id) and the steps
-`apply_async` runs per message run again here (`check_arguments` before any is published),
-`before_task_publish` and
-`after_task_publish` handlers, the `task-sent` event, the result subscription, the parent's trail.
+the per-message fields replaced (task id, root id, argument reprs, correlation id), and the steps
+`apply_async` runs per message run again here: the argument check (`check_arguments`, before any
+is published), `before_task_publish` and `after_task_publish` handlers, the `task-sent` event, the
+result subscription, the parent's trail.
 What depends on more than the task and its options (countdowns, links, canvases, custom
 `apply_async` or `shadow_name`) is not copied: `kind_of` answers None and the caller sends it whole.
 """

@@ -91,13 +91,6 @@ class ResultConsumer(_celery.ResultConsumer):  # type: ignore[misc]
         if len(self._subscribed_first) > MAX_REMEMBERED:
             self._subscribed_first.popitem(last=False)
 
-    def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
-        """Celery's GET of a result before waiting, skipped when it cannot find anything."""
-        task_id = getattr(result, "id", None)
-        if task_id is not None and self._subscribed_first.pop(task_id, False) is None:
-            return
-        super().on_wait_for_pending(result, **kwargs)
-
     def _wait_for_pending(
         self,
         result: Any,
@@ -110,11 +103,11 @@ class ResultConsumer(_celery.ResultConsumer):  # type: ignore[misc]
         if self.green:
             yield from super()._wait_for_pending(result, timeout, on_interval, on_message, **kwargs)
             return
-        task_id = getattr(result, "id", None)
-        skipped = task_id in self._subscribed_first
-        self.on_wait_for_pending(result, timeout=timeout, **kwargs)
-        if skipped:
+        if self._subscribed_first.pop(getattr(result, "id", ""), False) is None:
+            # Subscribed before it was published: nothing to read yet, unless it is late.
             on_interval = self._recheck_later(result, on_interval)
+        else:
+            self.on_wait_for_pending(result, timeout=timeout, **kwargs)  # Celery's GET first
         previous: Any = self.on_message
         self.on_message = on_message
         try:
@@ -161,7 +154,7 @@ class ResultConsumer(_celery.ResultConsumer):  # type: ignore[misc]
             nonlocal checked
             if not checked and not result.on_ready.ready and time.monotonic() >= due:
                 checked = True
-                super(ResultConsumer, self).on_wait_for_pending(result)
+                self.on_wait_for_pending(result)
             if on_interval is not None:
                 on_interval()
 
