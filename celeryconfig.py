@@ -77,6 +77,11 @@ if broker_visibility_timeout <= task_time_limit + broker_max_countdown:
     )
 broker_transport_options = {
     "visibility_timeout": broker_visibility_timeout,
+    # One list per queue (no priority sub-lists): a worker of one queue then takes each message with
+    # BLMOVE into its own inflight list, which its process keeps under this lease (proj/inflight.py);
+    # a killed worker's messages go back after the lease instead of the visibility timeout.
+    "priority_steps": [0],
+    "inflight_lease": _env_int("BROKER_INFLIGHT_LEASE", 60),
     # Sweep for messages of dead workers every N seconds (kombu's default is ~100 s: 10 s x throttle 10),
     # so the worst-case redelivery delay is visibility_timeout + this.
     "unacked_restore_interval": _env_int("BROKER_RESTORE_INTERVAL", 10),

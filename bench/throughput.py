@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from bench import common
+from proj.inflight import InflightLists
 
 NOTES = """\
 - Stock: `bench/_stock.py`, `Celery("stock", broker=url, backend=url)` and a no-op task, run by
@@ -146,7 +147,7 @@ def _enqueue(config: Config, redis_url: str, n: int) -> list[str]:
 
 def _drained(client: redis.Redis, config: Config, tail: list[str]) -> bool:
     """Every task has run: nothing queued, nothing unacked, and (results on) the last results stored."""
-    if client.llen(config.queue) or client.hlen("unacked"):
+    if client.llen(config.queue) or client.hlen("unacked") or InflightLists(client).count():
         return False
     if config.acks_late:
         return True

@@ -13,7 +13,10 @@ channel that py-spy shows on every message (docs/benchmarks.md):
 - Each event (`task-sent` on every `.delay()`, the worker's task events) waits for the reply to its
   PUBLISH. Events are best-effort monitoring data; they take the same unawaited connection.
 
-Nothing changes on the wire: the same commands, in the same MULTI/EXEC blocks, in the same order.
+A consumer of a single queue list takes messages with BLMOVE into an inflight list of its own
+(proj/inflight.py) instead of BRPOP + an unacked record: the message never leaves Redis, one write
+less runs before each task, and its ack is an LREM. Consumers of several lists (BLMOVE takes from
+one) keep kombu's BRPOP and unacked records, sent as kombu sends them, without waiting for replies.
 """
 
 from __future__ import annotations
@@ -22,14 +25,19 @@ import logging
 import os
 import threading
 import time
+import uuid
+from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from proj.inflight import KEEPER, InflightLists, inflight_name
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +141,9 @@ class QoS(kombu_redis.QoS):
         """Record the message as unacked (ZADD + HSET), then remember it in memory."""
         channel: Any = self.channel
         writer = channel.unawaited_writer()
+        if delivery_tag in channel.inflight_tags:  # taken with BLMOVE: its inflight list is the record
+            virtual.QoS.append(self, message, delivery_tag)
+            return
         if writer is None:
             super().append(message, delivery_tag)
             return
@@ -149,9 +160,14 @@ class QoS(kombu_redis.QoS):
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        """Drop the unacked record (ZREM + HDEL)."""
+        """Drop the unacked record (ZREM + HDEL), or the message from its inflight list (LREM)."""
         channel: Any = self.channel
         writer = channel.unawaited_writer()
+        taken = channel.inflight_tags.pop(delivery_tag, None)
+        if taken is not None and writer is not None:
+            writer.send([("LREM", taken[0], 1, taken[1])])
+            virtual.QoS.ack(self, delivery_tag)
+            return
         if writer is None:
             super().ack(delivery_tag)
             return
@@ -169,21 +185,53 @@ class QoS(kombu_redis.QoS):
         """Let the message's unacked record land first: a requeue reads it back from Redis."""
         channel: Any = self.channel
         channel.flush_unawaited()
-        super().reject(delivery_tag, requeue=requeue)
+        taken = channel.inflight_tags.pop(delivery_tag, None)
+        if taken is None:
+            super().reject(delivery_tag, requeue=requeue)
+            return
+        channel.give_back(*taken, leftmost=True, requeue=requeue)  # kombu's order: the back of the queue
+        virtual.QoS.ack(self, delivery_tag)
 
     def restore_unacked(self, client: Any = None) -> Any:
         """Let the records in flight land before putting unacked messages back on their queues."""
         channel: Any = self.channel
         channel.flush_unawaited()
+        delivered: Any = self._delivered
+        for delivery_tag in list(delivered):
+            taken = channel.inflight_tags.pop(delivery_tag, None)
+            if taken is not None:
+                channel.give_back(*taken)  # kombu's order for restored messages: the front
+                delivered.pop(delivery_tag, None)
         return super().restore_unacked(client)
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        """kombu's sweep of expired unacked records, then of inflight lists whose lease ran out."""
+        super().restore_visible(start, num, interval)
+        channel: Any = self.channel
+        if channel.unawaited_writer() is not None:
+            moved = channel.inflight_registry().requeue_expired()
+            if moved:
+                logger.warning("Requeued %d message(s) of consumers that stopped renewing their lease", moved)
 
 
 class Channel(_RedisChannel):  # type: ignore[misc]
     """A Redis channel that reuses its synchronous client and does not wait on bookkeeping writes."""
 
     QoS = QoS
+    from_transport_options = (*_RedisChannel.from_transport_options, "inflight_lease")
+    #: Seconds an inflight list outlives the last renewal by its process (proj/inflight.py).
+    inflight_lease = 60.0
     _sync_client: Any = None
     _writer: UnawaitedWriter | None = None
+    _registry: InflightLists | None = None
+    _taking: tuple[str, str] | None = None  # (queue, inflight list) of the BLMOVE awaiting its reply
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.inflight_tags: dict[str, tuple[str, bytes]] = {}  # delivery tag -> (inflight list, message)
+        self._inflight_lists: dict[str, str] = {}  # queue -> this channel's inflight list
+        self._no_ack_queues: set[str] = set()  # consumed without acks: nothing to keep inflight
+        self._token = uuid.uuid4().hex
+        super().__init__(*args, **kwargs)
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         """The channel's one synchronous client; a fresh one for the async (BRPOP) side."""
@@ -200,6 +248,95 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         if self._writer is None:
             self._writer = UnawaitedWriter(self.pool)
         return self._writer
+
+    def inflight_registry(self) -> InflightLists:
+        """The inflight lists and leases, through the channel's synchronous client."""
+        if self._registry is None:
+            self._registry = InflightLists(self._create_client())
+        return self._registry
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        """Take from a single queue list with BLMOVE into this consumer's inflight list, else BRPOP."""
+        queues = list(self.active_queues)
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        if len(keys) != 1 or queues[0] in self._no_ack_queues or self.unawaited_writer() is None:
+            self._taking = None
+            super()._brpop_start(timeout)
+            return
+        inflight = self._inflight_lists.get(keys[0])
+        if inflight is None:  # registered before the first message can land in it
+            inflight = inflight_name(keys[0], self._token)
+            KEEPER.hold(self.inflight_registry(), inflight, keys[0], float(self.inflight_lease))
+            self._inflight_lists[keys[0]] = inflight
+        self._taking = (queues[0], inflight)
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()
+        wait = self.brpop_timeout if timeout is None else timeout
+        self.client.connection.send_command("BLMOVE", keys[0], inflight, "RIGHT", "LEFT", wait or 0)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        """Read the BLMOVE reply and deliver the message (kombu's BRPOP read otherwise)."""
+        if self._taking is None:
+            result: bool = super()._brpop_read(**options)
+            return result
+        queue, inflight = self._taking
+        try:
+            try:
+                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # kombu's way: reconnect on the next turn
+                raise
+            if not item:
+                raise Empty()
+            try:
+                payload = loads(bytes_to_str(item))
+                self.inflight_tags[payload["properties"]["delivery_tag"]] = (inflight, item)
+            except (ValueError, KeyError, TypeError):
+                logger.error("Dropping a message that is not a kombu message from %s: %r", queue, item[:1000])
+                self.unawaited_writer().send([("LREM", inflight, 1, item)])  # type: ignore[union-attr]
+                raise Empty() from None
+            self._queue_cycle.rotate(queue)
+            self.connection._deliver(payload, queue)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        """kombu's; remembers queues consumed without acks (e.g. remote-control replies)."""
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def give_back(self, inflight: str, item: bytes, leftmost: bool = False, requeue: bool = True) -> None:
+        """Move a taken message from its inflight list back onto its queue (or drop it), atomically."""
+        payload = loads(bytes_to_str(item))
+        delivery = payload["properties"]["delivery_info"]
+        exchange, routing_key = delivery["exchange"], delivery["routing_key"]
+        with self._create_client().pipeline() as pipe:  # MULTI/EXEC
+            pipe.lrem(inflight, 1, item)
+            if requeue:
+                self._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+            pipe.execute()
+
+    def release_inflight(self) -> None:
+        """Put back whatever is left in this channel's inflight lists and stop renewing them."""
+        lists = list(self._inflight_lists.values())
+        self._inflight_lists.clear()
+        for inflight in lists:
+            KEEPER.drop(inflight)
+        if not lists:
+            return
+        try:
+            moved = self.inflight_registry().requeue(lists)
+        except self.connection_errors as exc:
+            # Their leases run out and the next sweep of any consumer puts the messages back.
+            logger.warning("Could not give back %s on close (%s); the lease sweep will", lists, exc)
+            return
+        if moved:
+            logger.info("Gave back %d taken message(s) on close", moved)
 
     def flush_unawaited(self) -> None:
         """Wait until everything sent unawaited has been applied."""
@@ -219,7 +356,10 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         """Let the unawaited writes land before the channel (and its restore of unacked) goes."""
         if self._writer is not None:
             self._writer.close()
-        super().close()
+        try:
+            super().close()
+        finally:
+            self.release_inflight()
 
 
 class Transport(kombu_redis.Transport):

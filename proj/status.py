@@ -13,10 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 from proj.deadletters import DeadLetterStore
+from proj.inflight import InflightLists
 from proj.settings import get_settings
 
 SENT_AT_HEADER = "proj_sent_at"  # stamped by proj.signals on every publish
-UNACKED_KEY = "unacked"  # kombu's hash of delivered, not yet acknowledged messages
+UNACKED_KEY = "unacked"  # kombu's hash of delivered, not yet acknowledged messages (BRPOP consumers)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     names = [queue.name for queue in celeryconfig.task_queues]
     report: dict[str, Any] = {
         "queues": [asdict(s) for s in queue_stats(client, names)],
-        "unacked": int(client.hlen(UNACKED_KEY)),
+        "unacked": int(client.hlen(UNACKED_KEY)) + InflightLists(client).count(),
         "dead_letters": DeadLetterStore(client).count(),
         "workers": _workers(app, args.timeout),
     }

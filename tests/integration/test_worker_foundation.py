@@ -61,6 +61,7 @@ def test_sigkill_mid_task_redelivers_it(start_worker, celery_app, redis_server):
         "TASK_SOFT_TIME_LIMIT": "2",
         "BROKER_MAX_COUNTDOWN": "1",
         "BROKER_RESTORE_INTERVAL": "1",
+        "BROKER_INFLIGHT_LEASE": "3",
     }
     worker = start_worker("default", pool="prefork", concurrency=1, env=env)
     result = celery_app.send_task(CANARY, kwargs={"hold": 1.5})

@@ -1,0 +1,105 @@
+"""A worker of one queue takes each message into its own inflight list (BLMOVE), kept under a lease."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import redis
+
+from proj.inflight import LEASES_KEY, REGISTRY_KEY, InflightLists
+from tests.harness import ROOT, EventMonitor, wait_for
+
+pytestmark = pytest.mark.integration
+
+CANARY = "tasks.health.canary"
+# Short leases and sweeps so that the tests see them run out; the task holds last several leases.
+LEASE_ENV = {"BROKER_INFLIGHT_LEASE": "2", "BROKER_RESTORE_INTERVAL": "1"}
+
+
+def _registered(client: redis.Redis) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in client.hgetall(REGISTRY_KEY).items()}
+
+
+def test_a_running_task_is_in_its_workers_inflight_list_and_leaves_it_when_done(
+    start_worker, celery_app, redis_client, worker_env
+):
+    start_worker("default", pool="solo", concurrency=1, env=LEASE_ENV)
+    result = celery_app.send_task(CANARY, kwargs={"hold": 2})
+    wait_for(lambda: result.state == "STARTED", timeout=20, what="the task to start")
+
+    (inflight, queue), *others = _registered(redis_client).items()
+    assert queue == "default" and not others
+    assert [json.loads(m)["headers"]["id"] for m in redis_client.lrange(inflight, 0, -1)] == [result.id]
+    assert redis_client.llen("default") == 0 and redis_client.hlen("unacked") == 0
+    status = subprocess.run(
+        [sys.executable, "-m", "proj.cli", "status", "--json", "--timeout", "1"],
+        cwd=ROOT,
+        env=worker_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(status.stdout)["unacked"] == 1
+
+    assert result.get(timeout=20)["queue"] == "default"
+    wait_for(lambda: redis_client.llen(inflight) == 0, timeout=10, what="the ack (LREM)")
+    assert redis_client.llen("default") == 0
+
+
+def test_a_task_outliving_the_lease_is_not_requeued_while_its_worker_lives(
+    start_worker, celery_app, redis_client
+):
+    monitor = EventMonitor(celery_app, redis_client, kind="task-received")
+    for _ in range(2):  # whichever is idle sweeps for expired leases every second
+        start_worker("default", pool="solo", concurrency=1, env=LEASE_ENV)
+    long = celery_app.send_task(CANARY, kwargs={"hold": 7})  # three and a half leases
+    assert long.get(timeout=30)["queue"] == "default"
+    after = celery_app.send_task(CANARY)  # its event arrives after any duplicate of the long one
+    after.get(timeout=20)
+
+    received = monitor.events_for([long.id, after.id])
+    assert [e["uuid"] for e in received].count(long.id) == 1
+    assert redis_client.llen("default") == 0
+
+
+def test_a_killed_workers_task_comes_back_after_its_lease(start_worker, celery_app, redis_client):
+    doomed = start_worker("default", pool="solo", concurrency=1, env=LEASE_ENV)
+    result = celery_app.send_task(CANARY, kwargs={"hold": 5})
+    wait_for(lambda: result.state == "STARTED", timeout=20, what="the task to start")
+    (doomed_list,) = _registered(redis_client)
+    doomed.kill()
+
+    # Its lease runs out, a sweep puts the message back, and another worker runs the task.
+    survivor = start_worker("default", pool="solo", concurrency=1, env=LEASE_ENV)
+    assert result.get(timeout=40)["hostname"] == survivor.nodename
+    assert doomed_list not in _registered(redis_client) and not redis_client.exists(doomed_list)
+
+
+def test_a_warm_shutdown_gives_back_what_it_took_and_unregisters(start_worker, celery_app, redis_client):
+    worker = start_worker("default", pool="solo", concurrency=1, env=LEASE_ENV)
+    running = celery_app.send_task(CANARY, kwargs={"hold": 2})
+    wait_for(lambda: running.state == "STARTED", timeout=20, what="the task to start")
+    assert len(_registered(redis_client)) == 1
+
+    assert worker.stop(signal.SIGTERM, timeout=40) == 0
+    assert running.state == "SUCCESS"
+    assert _registered(redis_client) == {} and redis_client.zcard(LEASES_KEY) == 0
+
+
+def test_requeue_of_expired_lists_keeps_the_queue_order(redis_client):
+    lists = InflightLists(redis_client)
+    redis_client.lpush("q", "m1", "m2", "m3")  # kombu pushes on the left and takes from the right
+    lists.hold({"inflight.a": "q"}, lease=60)
+    lists.hold({"inflight.b": "q"}, lease=0)  # ended at once: its owner is gone
+    for name in ("inflight.a", "inflight.b", "inflight.b"):
+        redis_client.blmove("q", name, 1, "RIGHT", "LEFT")
+
+    assert lists.requeue_expired() == 2
+    assert [redis_client.rpop("q") for _ in range(3)] == [b"m2", b"m3", None]
+    assert _registered(redis_client) == {"inflight.a": "q"} and redis_client.llen("inflight.a") == 1
+    assert lists.renew(["inflight.a", "inflight.b"], lease=60) == ["inflight.b"]
+    assert lists.count() == 1
