@@ -127,15 +127,21 @@ class LeaseKeeper:
         self._held: dict[str, tuple[InflightLists, str, float]] = {}
         self._pid = 0
         self._wake = threading.Event()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        """In a forked child: no thread, no leases of the parent's, a lock nobody holds."""
+        self._lock = threading.Lock()
+        self._held = {}
+        self._pid = 0
 
     def hold(self, lists: InflightLists, inflight: str, queue: str, lease: float) -> None:
         """Register `inflight` now (the caller waits) and keep renewing its lease."""
         lists.hold({inflight: queue}, lease)
         with self._lock:
             self._held[inflight] = (lists, queue, lease)
-            if self._pid != os.getpid():  # first use, or a forked child: its own thread
+            if self._pid != os.getpid():  # the first list of this process: start its thread
                 self._pid = os.getpid()
-                self._held = {inflight: (lists, queue, lease)}
                 threading.Thread(target=self._run, name="proj-inflight-leases", daemon=True).start()
 
     def drop(self, inflight: str) -> None:
