@@ -1,7 +1,8 @@
 """One producer process: `python -m bench._producer {delay|bulk|roundtrip} APP N`, JSON out.
 
 APP is `stock`, `proj`, or an ablation of proj: `proj-kombu` (kombu's own Redis transport),
-`proj-started` (round trip of a task that tracks STARTED), `proj-kombu-declare` (kombu's own
+`proj-started` (round trip of a task that tracks STARTED), `proj-redispy-subscribe` (result
+subscriptions through redis-py's pub/sub command path), `proj-kombu-declare` (kombu's own
 queue re-declaration on every publish), `proj-bulk-whole` (`enqueue_many` without
 copying messages: every signature through `apply_async`).
 
@@ -35,6 +36,11 @@ def _task(app_name: str, kind: str) -> Any:
         import proj.bulk
 
         proj.bulk.kind_of = lambda sig, app: None
+    if app_name == "proj-redispy-subscribe":  # ablation: every SUBSCRIBE through redis-py's pub/sub path
+        import proj.celery_results
+
+        cls = proj.celery_results.ResultConsumer
+        cls._consume_from = cls.__mro__[1]._consume_from  # type: ignore[method-assign]
     if app_name == "proj-kombu-declare":  # ablation: kombu's maybe_declare on every publish
         from kombu import Producer
 

@@ -33,7 +33,8 @@ NOTES = """\
   user + system time of the worker process trees (psutil) over the same window, divided by the
   number of tasks.
 - (a') the same drain with one of proj's changes undone: kombu's own transport
-  (`-I bench._kombu_transport`), per-turn event flushing (`-I bench._per_turn_events`), a task
+  (`-I bench._kombu_transport`), kombu's BRPOP + unacked record instead of proj's BLMOVE into an
+  inflight list (`-I bench._brpop_consume`), per-turn event flushing (`-I bench._per_turn_events`), a task
   that stores its result and STARTED state (`tasks.bench.noop_result`), `-l INFO`, or the same
   processes replaced by one prefork (`-c` cores) or one threads (`-c 32`) worker.
 - (b) enqueue: `bench/_producer.py` in a fresh process: `.delay()` in a loop after one warm-up
@@ -294,6 +295,10 @@ def ablations() -> list[Config]:
             [_swap(a, "-I", f"{BENCH_TASKS},bench._kombu_transport") for a in base],
         ),
         _variant(
+            "BRPOP + an unacked record instead of BLMOVE into an inflight list",
+            [_swap(a, "-I", f"{BENCH_TASKS},bench._brpop_consume") for a in base],
+        ),
+        _variant(
             "task events flushed every loop turn",
             [_swap(a, "-I", f"{BENCH_TASKS},bench._per_turn_events") for a in base],
         ),
@@ -368,7 +373,10 @@ def roundtrip_ablations(redis_url: str) -> list[Config]:
     """proj's round trip with one of its changes undone, workers and caller alike."""
     workers = production_config().workers
     celery_backend = {"CELERY_RESULT_BACKEND": f"celery.backends.redis:RedisBackend+{redis_url}"}
+    brpop = [_swap(a, "-I", f"{BENCH_TASKS},bench._brpop_consume") for a in workers]
     return [
+        Config("BRPOP + an unacked record instead of BLMOVE", "proj", brpop),
+        Config("SUBSCRIBE through redis-py's pub/sub path", "proj-redispy-subscribe", workers),
         Config("Celery's own Redis result backend", "proj", workers, env=celery_backend),
         Config("kombu's declaration check in .delay()", "proj-kombu-declare", workers),
         Config("STARTED tracked", "proj-started", workers),
