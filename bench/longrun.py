@@ -8,6 +8,7 @@ import redis
 
 from bench import common
 from bench.throughput import BENCH_TASKS, production_config, start_workers
+from proj.inflight import InflightLists
 
 RUNS = 1  # one long run; repeating it would add nothing but time
 TASKS = 100_000
@@ -52,7 +53,11 @@ def run(redis_url: str, quick: bool = False) -> list[common.Row]:
                 what=f"{left} tasks left",
             )
             samples.append(common.tree_rss(pids)["total"])
-        common.wait_for(lambda: not client.hlen("unacked"), timeout=60, what="the last acks")
+        common.wait_for(
+            lambda: not client.hlen("unacked") and not InflightLists(client).count(),
+            timeout=60,
+            what="the last acks",
+        )
         elapsed = time.perf_counter() - started
     finally:
         common.stop(procs)

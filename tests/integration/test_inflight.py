@@ -16,8 +16,9 @@ from tests.harness import ROOT, EventMonitor, wait_for
 pytestmark = pytest.mark.integration
 
 CANARY = "tasks.health.canary"
-# Short leases and sweeps so that the tests see them run out; the task holds last several leases.
-LEASE_ENV = {"BROKER_INFLIGHT_LEASE": "2", "BROKER_RESTORE_INTERVAL": "1"}
+# Short leases and sweeps so that the tests see them run out (renewed every second: slack for a
+# loaded CI machine); the long task below lasts several leases.
+LEASE_ENV = {"BROKER_INFLIGHT_LEASE": "3", "BROKER_RESTORE_INTERVAL": "1"}
 
 
 def _registered(client: redis.Redis) -> dict[str, str]:
@@ -28,7 +29,7 @@ def test_a_running_task_is_in_its_workers_inflight_list_and_leaves_it_when_done(
     start_worker, celery_app, redis_client, worker_env
 ):
     start_worker("default", pool="solo", concurrency=1, env=LEASE_ENV)
-    result = celery_app.send_task(CANARY, kwargs={"hold": 2})
+    result = celery_app.send_task(CANARY, kwargs={"hold": 6})
     wait_for(lambda: result.state == "STARTED", timeout=20, what="the task to start")
 
     (inflight, queue), *others = _registered(redis_client).items()
@@ -56,7 +57,7 @@ def test_a_task_outliving_the_lease_is_not_requeued_while_its_worker_lives(
     monitor = EventMonitor(celery_app, redis_client, kind="task-received")
     for _ in range(2):  # whichever is idle sweeps for expired leases every second
         start_worker("default", pool="solo", concurrency=1, env=LEASE_ENV)
-    long = celery_app.send_task(CANARY, kwargs={"hold": 7})  # three and a half leases
+    long = celery_app.send_task(CANARY, kwargs={"hold": 10})  # three leases and more
     assert long.get(timeout=30)["queue"] == "default"
     after = celery_app.send_task(CANARY)  # its event arrives after any duplicate of the long one
     after.get(timeout=20)
