@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 # Celery's default `event_exchange`: the fanout exchange of task and worker events.
 EVENT_EXCHANGE = "celeryev"
+# Where a consumer of one queue puts what it took but cannot read as a kombu message (not a task).
+UNREADABLE_KEY = "proj.unreadable"
 # Replies left unread until this many are outstanding, then read together: reading them one by
 # one as they arrive cost a solo worker two receive syscalls per task, before each task ran.
 COLLECT_AT = 256
@@ -295,8 +297,7 @@ class Channel(_RedisChannel):  # type: ignore[misc]
                 payload = loads(bytes_to_str(item))
                 self.inflight_tags[payload["properties"]["delivery_tag"]] = (inflight, item)
             except (ValueError, KeyError, TypeError):
-                logger.error("Dropping a message that is not a kombu message from %s: %r", queue, item[:1000])
-                self.unawaited_writer().send([("LREM", inflight, 1, item)])  # type: ignore[union-attr]
+                self._set_aside(queue, inflight, item)
                 raise Empty() from None
             self._queue_cycle.rotate(queue)
             self.connection._deliver(payload, queue)
@@ -304,6 +305,12 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _set_aside(self, queue: str, inflight: str, item: bytes) -> None:
+        """Move something that is not a kombu message out of the way, kept for a person to look at."""
+        logger.error("Not a kombu message in %s, moved to the list %s: %r", queue, UNREADABLE_KEY, item[:200])
+        with self._create_client().pipeline() as pipe:  # MULTI/EXEC
+            pipe.lrem(inflight, 1, item).lpush(UNREADABLE_KEY, item).execute()
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         """kombu's; remembers queues consumed without acks (e.g. remote-control replies)."""

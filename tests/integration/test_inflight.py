@@ -10,6 +10,7 @@ import sys
 import pytest
 import redis
 
+from proj.broker import UNREADABLE_KEY
 from proj.inflight import LEASES_KEY, REGISTRY_KEY, InflightLists
 from tests.harness import ROOT, EventMonitor, wait_for
 
@@ -89,6 +90,19 @@ def test_a_warm_shutdown_gives_back_what_it_took_and_unregisters(start_worker, c
     assert worker.stop(signal.SIGTERM, timeout=40) == 0
     assert running.state == "SUCCESS"
     assert _registered(redis_client) == {} and redis_client.zcard(LEASES_KEY) == 0
+
+
+def test_something_that_is_not_a_message_is_set_aside_and_the_worker_goes_on(
+    start_worker, celery_app, redis_client
+):
+    start_worker("default", pool="solo", concurrency=1, env=LEASE_ENV)
+    redis_client.lpush("default", b"not json at all", b'{"no": "properties"}')
+
+    assert celery_app.send_task(CANARY).get(timeout=20)["queue"] == "default"
+    wait_for(lambda: redis_client.llen(UNREADABLE_KEY) == 2, timeout=10, what="both set aside")
+    assert sorted(redis_client.lrange(UNREADABLE_KEY, 0, -1)) == [b"not json at all", b'{"no": "properties"}']
+    (inflight,) = _registered(redis_client)
+    assert redis_client.llen(inflight) == 0 and redis_client.llen("default") == 0
 
 
 def test_requeue_of_expired_lists_keeps_the_queue_order(redis_client):
