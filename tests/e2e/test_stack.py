@@ -86,6 +86,16 @@ def test_flower_requires_credentials_and_lists_every_worker(local_stack: LocalSt
     assert wait_for(workers, timeout=30, interval=0.5, what="Flower to list every worker")
 
 
+def test_flower_metrics_require_credentials_too(local_stack: LocalStack) -> None:
+    exports = local_stack.exports()
+    metrics = exports["FLOWER_URL"] + "/metrics"
+    assert _get(metrics)[0] == 401
+    assert _get(metrics, (exports["FLOWER_USER"], "wrong"))[0] == 401
+    status, body = _get(metrics, (exports["FLOWER_USER"], exports["FLOWER_PASSWORD"]))
+    assert status == 200 and b"flower_events_total" in body
+    assert _get(exports["FLOWER_URL"] + "/healthcheck") == (200, b"OK")
+
+
 def test_mail_sent_with_smtplib_lands_under_local_mail(local_stack: LocalStack) -> None:
     exports = local_stack.exports()
     subject = f"e2e {uuid.uuid4()}"
