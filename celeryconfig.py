@@ -82,6 +82,8 @@ broker_transport_options = {
     # a killed worker's messages go back after the lease instead of the visibility timeout.
     "priority_steps": [0],
     "inflight_lease": _env_int("BROKER_INFLIGHT_LEASE", 60),
+    # A message due further ahead than this waits in proj's delayed set, however it was published.
+    "park_after": broker_max_countdown,
     # Sweep for messages of dead workers every N seconds (kombu's default is ~100 s: 10 s x throttle 10),
     # so the worst-case redelivery delay is visibility_timeout + this.
     "unacked_restore_interval": _env_int("BROKER_RESTORE_INTERVAL", 10),

@@ -37,6 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from proj.delayed import DelayedSet, eta_epoch
 from proj.inflight import KEEPER, InflightLists, inflight_name
 
 logger = logging.getLogger(__name__)
@@ -220,9 +221,11 @@ class Channel(_RedisChannel):  # type: ignore[misc]
     """A Redis channel that reuses its synchronous client and does not wait on bookkeeping writes."""
 
     QoS = QoS
-    from_transport_options = (*_RedisChannel.from_transport_options, "inflight_lease")
+    from_transport_options = (*_RedisChannel.from_transport_options, "inflight_lease", "park_after")
     #: Seconds an inflight list outlives the last renewal by its process (proj/inflight.py).
     inflight_lease = 60.0
+    #: Seconds: a message due further ahead is parked in proj's delayed set (None: never).
+    park_after: float | None = None
     #: Take from a single queue list with BLMOVE (False: kombu's BRPOP + unacked record always).
     take_into_inflight = True
     _sync_client: Any = None
@@ -352,6 +355,22 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         """Wait until everything sent unawaited has been applied."""
         if self._writer is not None:
             self._writer.flush()
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        """kombu's LPUSH; a message due further ahead than `park_after` waits in proj's delayed set.
+
+        `DelayedTask` parks such messages itself; this catches every other way of publishing one
+        (`send_task` by name, canvases, other task classes), so no worker holds it past its lease or
+        the visibility timeout.
+        """
+        eta = (message.get("headers") or {}).get("eta")
+        if eta and self.park_after is not None and eta_epoch(eta) - time.time() > float(self.park_after):
+            priority = self._get_message_priority(message, reverse=False)
+            DelayedSet(self._create_client()).add(
+                self._q_for_pri(queue, priority), dumps(message), eta_epoch(eta)
+            )
+            return
+        super()._put(queue, message, **kwargs)
 
     def _put_fanout(self, exchange: str, message: Any, routing_key: str, **kwargs: Any) -> None:
         """Events go through the unawaited writer; other fanout messages as kombu sends them."""

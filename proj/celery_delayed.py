@@ -20,7 +20,7 @@ from kombu import Connection, Producer
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
-from proj.delayed import DelayedSet
+from proj.delayed import DelayedSet, eta_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -39,24 +39,18 @@ class _ParkingChannel(kombu_redis.Channel):
         priority = self._get_message_priority(message, reverse=False)
         key = self._q_for_pri(queue, priority)  # type: ignore[attr-defined]
         with self.conn_or_acquire() as client:
-            DelayedSet(client).add(key, dumps(message), _epoch(eta))
+            DelayedSet(client).add(key, dumps(message), eta_epoch(eta))
 
 
 class _ParkingTransport(kombu_redis.Transport):
     Channel = _ParkingChannel
 
 
-def _epoch(eta: str) -> float:
-    """Seconds since the epoch of an ISO 8601 ETA header (naive means UTC, as Celery writes it)."""
-    when = datetime.fromisoformat(eta)
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
-
-
 def _delay_of(options: dict[str, Any]) -> float:
     """How far ahead the options schedule a message, in seconds (0 when not delayed)."""
     eta = options.get("eta")
     if isinstance(eta, str):
-        return _epoch(eta) - datetime.now(UTC).timestamp()
+        return eta_epoch(eta) - datetime.now(UTC).timestamp()
     if isinstance(eta, datetime):
         aware = eta if eta.tzinfo else eta.replace(tzinfo=UTC)
         return (aware - datetime.now(UTC)).total_seconds()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -31,6 +32,12 @@ for _, member in ipairs(due) do
 end
 return moved
 """
+
+
+def eta_epoch(eta: str) -> float:
+    """Seconds since the epoch of an ISO 8601 ETA header (naive means UTC, as Celery writes it)."""
+    when = datetime.fromisoformat(eta)
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 class DelayedSet:
