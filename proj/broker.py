@@ -167,7 +167,7 @@ class QoS(kombu_redis.QoS):
         channel: Any = self.channel
         writer = channel.unawaited_writer()
         taken = channel.inflight_tags.pop(delivery_tag, None)
-        if taken is not None and writer is not None:
+        if taken is not None:  # only taken with BLMOVE when the channel has a writer
             writer.send([("LREM", taken[0], 1, taken[1])])
             virtual.QoS.ack(self, delivery_tag)
             return

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import redis
@@ -126,7 +127,6 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._held: dict[str, tuple[InflightLists, str, float]] = {}
         self._pid = 0
-        self._wake = threading.Event()
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
@@ -174,7 +174,7 @@ class LeaseKeeper:
         pid = os.getpid()
         while pid == self._pid:
             leases = [lease for _, _, lease in list(self._held.values())] or [30.0]
-            self._wake.wait(min(leases) / 3)
+            time.sleep(min(leases) / 3)
             self.renew_all()
 
 
