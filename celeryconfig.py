@@ -18,16 +18,30 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer number of seconds, got {raw!r}") from None
 
 
+def _env_flag(name: str) -> bool:
+    """Read an on/off setting: 1, true, yes or on; anything else unknown fails loudly."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name} must be 1 or 0, got {raw!r}")
+
+
 _redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 # Celery itself lets CELERY_BROKER_URL / CELERY_RESULT_BACKEND override these two.
 broker_url = os.environ.get("CELERY_BROKER_URL", _redis_url)
 result_backend = os.environ.get("CELERY_RESULT_BACKEND", _redis_url)
-# kombu's Redis transport minus per-command client objects and reply waits (docs/benchmarks.md).
-if broker_url.startswith("redis://"):
-    broker_transport = "proj.broker:Transport"
-# Celery's Redis result backend minus the green-thread sleep(0) calls in .get() (docs/benchmarks.md).
-override_backends = {scheme: "proj.celery_results:RedisBackend" for scheme in ("redis", "rediss")}
+# PROJ_STOCK_CELERY=1 runs kombu's own Redis transport, Celery's own Redis result backend, producer
+# and event dispatch instead of proj's replacements (docs/internals.md); every proj feature stays.
+proj_stock_celery = _env_flag("PROJ_STOCK_CELERY")
+if not proj_stock_celery:
+    if broker_url.startswith(("redis://", "rediss://")):
+        broker_transport = "proj.integration.kombu_transport:Transport"
+    override_backends = {
+        scheme: "proj.integration.result_backend:RedisBackend" for scheme in ("redis", "rediss")
+    }
 
 # Pickle in a broker is remote code execution for whoever can write to Redis: JSON only.
 task_serializer = "json"
@@ -78,11 +92,11 @@ if broker_visibility_timeout <= task_time_limit + broker_max_countdown:
 broker_transport_options = {
     "visibility_timeout": broker_visibility_timeout,
     # One list per queue (no priority sub-lists): a worker of one queue then takes each message with
-    # BLMOVE into its own inflight list, which its process keeps under this lease (proj/inflight.py);
+    # BLMOVE into its own inflight list, which its process keeps under this lease (proj/stores/inflight.py);
     # a killed worker's messages go back after the lease instead of the visibility timeout.
     "priority_steps": [0],
     "inflight_lease": _env_int("BROKER_INFLIGHT_LEASE", 60),
-    # A message due further ahead than this waits in proj's delayed set, however it was published.
+    # A message due further ahead than this waits in proj's delayed set (proj.integration.parking).
     "park_after": broker_max_countdown,
     # Sweep for messages of dead workers every N seconds (kombu's default is ~100 s: 10 s x throttle 10),
     # so the worst-case redelivery delay is visibility_timeout + this.

@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from proj.celery import app
-from proj.worker_events import BatchedTaskEvents
+from proj.integration.task_events import BatchedTaskEvents
 
 app.steps["consumer"].discard(BatchedTaskEvents)

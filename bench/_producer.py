@@ -33,20 +33,20 @@ def _task(app_name: str, kind: str) -> Any:
     if app_name == "proj-started":  # ablation: the STARTED state tracked, proj's default
         return _projtasks.echo_started
     if app_name == "proj-bulk-whole":  # ablation: enqueue_many builds every message with apply_async
-        import proj.bulk
+        import proj.integration.enqueue_many
 
-        proj.bulk.kind_of = lambda sig, app: None
+        proj.integration.enqueue_many.kind_of = lambda sig, app: None
     if app_name == "proj-redispy-subscribe":  # ablation: every SUBSCRIBE through redis-py's pub/sub path
-        import proj.celery_results
+        import proj.integration.result_backend
 
-        cls = proj.celery_results.ResultConsumer
+        cls = proj.integration.result_backend.ResultConsumer
         cls._consume_from = cls.__mro__[1]._consume_from  # type: ignore[method-assign]
     if app_name == "proj-kombu-declare":  # ablation: kombu's maybe_declare on every publish
         from kombu import Producer
 
-        import proj.celery_amqp
+        import proj.integration.producer
 
-        proj.celery_amqp.Producer.maybe_declare = Producer.maybe_declare  # type: ignore[method-assign]
+        proj.integration.producer.Producer.maybe_declare = Producer.maybe_declare  # type: ignore[method-assign]
     return _projtasks.echo if kind == "echo" else _projtasks.noop
 
 
@@ -61,8 +61,8 @@ def delay(app_name: str, n: int) -> dict[str, float]:
 
 
 def bulk(app_name: str, n: int) -> dict[str, float]:
-    """proj.bulk.enqueue_many over n signatures (signatures built inside the clock)."""
-    from proj.bulk import enqueue_many
+    """proj.integration.enqueue_many.enqueue_many over n signatures (signatures built inside the clock)."""
+    from proj.integration.enqueue_many import enqueue_many
 
     task = _task(app_name, "noop")
     enqueue_many([task.s()])

@@ -6,7 +6,7 @@ the greeting and DATA's 354 included, after `asyncio.sleep(delay)`, as a remote 
 spam checks would. It keeps no messages: it counts them, counts distinct Message-IDs (so a
 benchmark can check exactly-once delivery) and writes those counts with the first and last arrival
 times to FILE as JSON every 0.1 s and on exit. The sink must cost far less CPU per message than
-the client it measures: aiosmtpd (proj.devsmtp) spends 1.5-2 ms per message, this about a tenth.
+the client it measures: aiosmtpd (proj.stack.devsmtp) spends 1.5-2 ms per message, this about a tenth.
 """
 
 from __future__ import annotations

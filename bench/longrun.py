@@ -8,7 +8,7 @@ import redis
 
 from bench import common
 from bench.throughput import BENCH_TASKS, production_config, start_workers
-from proj.inflight import InflightLists
+from proj.stores.inflight import InflightLists
 
 RUNS = 1  # one long run; repeating it would add nothing but time
 TASKS = 100_000
@@ -16,7 +16,7 @@ QUICK_TASKS = 10_000
 SAMPLES = 10
 
 NOTES = f"""\
-- {TASKS:,} fire-and-forget short tasks (`{BENCH_TASKS}`) enqueued with `proj.bulk.enqueue_many`
+- {TASKS:,} fire-and-forget short tasks (`{BENCH_TASKS}`) enqueued with `enqueue_many`
   in chunks while proj's short-task workers (the Procfile's, see `throughput`) drain them. The RSS
   of every worker process is summed after the first tenth (warm) and at the end; `growth` is the
   difference. `worker_max_memory_per_child` stays the guard for prefork children, not the fix.
@@ -26,7 +26,7 @@ NOTES = f"""\
 def _enqueue(n: int) -> None:
     """Put n short tasks on the queue in chunks, so the producer itself stays small."""
     from bench import _projtasks
-    from proj.bulk import enqueue_many
+    from proj.integration.enqueue_many import enqueue_many
 
     chunk = 10_000
     for start in range(0, n, chunk):

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from bench import common
-from proj.inflight import InflightLists
+from proj.stores.inflight import InflightLists
 
 NOTES = """\
 - Stock: `bench/_stock.py`, `Celery("stock", broker=url, backend=url)` and a no-op task, run by
@@ -27,7 +27,7 @@ NOTES = """\
   (`ignore_result=True`, routed to `default`), `tasks.bench.echo` (`track_started=False`).
   proj's configuration as shipped: acks late, task events on, `task-sent` events on, JSON only.
 - (a) drain: the workers start and answer a ping, are told to stop consuming (`cancel_consumer`),
-  the tasks are enqueued with `proj.bulk.enqueue_many`, and the clock starts when they are told
+  the tasks are enqueued with `enqueue_many`, and the clock starts when they are told
   to consume again (`add_consumer`); it stops when the queue and the unacked set are empty (and,
   for stock, the last results are stored). Start-up is neither timed nor counted. CPU per task:
   user + system time of the worker process trees (psutil) over the same window, divided by the
@@ -132,7 +132,7 @@ def _enqueue(config: Config, redis_url: str, n: int) -> list[str]:
     """Pre-enqueue n short tasks with the bulk helper; the ids of the last few."""
     from celery import Celery
 
-    from proj.bulk import enqueue_many
+    from proj.integration.enqueue_many import enqueue_many
 
     if config.app == "proj":
         from bench import _projtasks

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 from celery import Celery
 
-import proj.signals  # noqa: F401  (connects the dead-letter and publish-time handlers)
-from proj.celery_delayed import DelayedRelease
-from proj.worker_events import BatchedTaskEvents
+import celeryconfig
+import proj.integration.signals  # noqa: F401  (connects the dead-letter and publish-time handlers)
+from proj.integration.parking import DelayedRelease
+from proj.integration.task_events import BatchedTaskEvents
 
-# amqp: its producer skips the costly re-declaration of queues on every .delay().
-app = Celery("proj", include=["tasks.health", "tasks.email", "tasks.files"], amqp="proj.celery_amqp:AMQP")
+STOCK = celeryconfig.proj_stock_celery
+# amqp: its producers park long delays; proj's also skip re-declaring queues on every .delay().
+app = Celery(
+    "proj",
+    include=["tasks.health", "tasks.email", "tasks.files"],
+    amqp="proj.integration.producer:AMQP" if STOCK else "proj.integration.producer:FastAMQP",
+)
 # A module name rather than an object, so prefork children import it instead of unpickling it.
 app.config_from_object("celeryconfig")
 # Every worker moves due delayed messages (long retry delays) from Redis onto their queues.
 app.steps["worker"].add(DelayedRelease)
-# Task events leave in one PUBLISH per batch, not one per task (docs/benchmarks.md).
-app.steps["consumer"].add(BatchedTaskEvents)
+if not STOCK:
+    # Celery reads override_backends when the configuration loads; a process whose first use of the
+    # app is AsyncResult(id).get() resolves its backend before that when CELERY_RESULT_BACKEND is set.
+    app.loader.override_backends = dict(celeryconfig.override_backends)
+    # Task events leave in one PUBLISH per batch, not one per task (docs/internals.md).
+    app.steps["consumer"].add(BatchedTaskEvents)

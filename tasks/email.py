@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from celery import Task
 from celery.app.task import Context
 from celery.utils.log import get_task_logger
 
 from proj.celery import app
-from proj.celery_delayed import DelayedTask, reschedule
 from proj.errors import RateLimitedError, TransientError
+from proj.integration.parking import reschedule
 from proj.mail import bulk, get_mailer, validate
 from proj.settings import get_settings
 
@@ -28,7 +29,6 @@ BULK_MAX_ROUNDS = 8
 # throughput (docs/benchmarks.md); Flower still gets the task-started event.
 @app.task(
     bind=True,
-    base=DelayedTask,
     track_started=False,
     autoretry_for=(TransientError,),
     retry_backoff=EMAIL_RETRY_BACKOFF,
@@ -37,7 +37,7 @@ BULK_MAX_ROUNDS = 8
     max_retries=EMAIL_MAX_RETRIES,
 )
 def send_email(
-    self: DelayedTask,
+    self: Task[Any, Any],
     to: str | Sequence[str] = (),
     subject: str | None = None,
     text: str | None = None,
@@ -72,9 +72,9 @@ def send_email(
         reschedule(self, exc.retry_after, str(exc))
 
 
-@app.task(bind=True, base=DelayedTask, max_retries=BULK_MAX_ROUNDS)
+@app.task(bind=True, max_retries=BULK_MAX_ROUNDS)
 def send_bulk(
-    self: DelayedTask, template: str, recipients: list[dict[str, Any]], idempotency_key: str | None = None
+    self: Task[Any, Any], template: str, recipients: list[dict[str, Any]], idempotency_key: str | None = None
 ) -> dict[str, Any]:
     """Send `template` to each recipient in chunks; PROGRESS shows sent/total; returns the counts."""
     task_id = self.request.id or "direct"

@@ -133,7 +133,7 @@ def inprocess_worker(celery_app: Any, redis_client: Any) -> Iterator[Any]:
 @pytest.fixture
 def smtp_server() -> Iterator[Any]:
     """A real SMTP server (aiosmtpd) on a free port; script faults with `.handler.fail_next()`."""
-    from proj.devsmtp import MailSink, start
+    from proj.stack.devsmtp import MailSink, start
 
     handler = MailSink()
     controller = start(handler, "127.0.0.1", free_port())
@@ -159,7 +159,7 @@ def tls_ca(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture
 def smtp_server_tls(tls_ca: Any) -> Iterator[Any]:
     """An SMTP server that requires STARTTLS and then AUTH as user/secret."""
-    from proj.devsmtp import MailSink, start
+    from proj.stack.devsmtp import MailSink, start
 
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls_ca.server_cert.configure_cert(context)

@@ -12,12 +12,12 @@ from typing import Any
 import redis
 
 from proj.errors import EmailDeliveryError, PermanentError, RateLimitedError, StillRunningError
-from proj.ledger import Ledger
 from proj.mail.message import EmailRequest, message_id_for, sender_address
 from proj.mail.mime import build_message, to_bytes
 from proj.mail.transport import TemporaryReplyError, ThreadConnections
-from proj.ratelimit import DomainRateLimiter, parse_limits
 from proj.settings import Settings, get_settings
+from proj.stores.ledger import Ledger
+from proj.stores.ratelimit import DomainRateLimiter, parse_limits
 
 logger = logging.getLogger(__name__)
 

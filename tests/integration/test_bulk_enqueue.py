@@ -1,4 +1,4 @@
-"""proj.bulk.enqueue_many: many tasks in pipelined batches, each run once by a real worker."""
+"""enqueue_many: many tasks in pipelined batches, each run once by a real worker."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from proj.bulk import enqueue_many
 from proj.celery import app as proj_app
-from proj.status import SENT_AT_HEADER as SENT_AT
+from proj.integration.enqueue_many import enqueue_many
+from proj.stores.queues import SENT_AT_HEADER as SENT_AT
 from tests.conftest import smtp_env
 from tests.harness import EventMonitor
 

@@ -15,7 +15,7 @@ CANARY = "tasks.health.canary"
 def test_send_task_by_name_with_a_long_countdown_waits_in_the_delayed_set(
     start_worker, celery_app, redis_client
 ):
-    from proj.delayed import DelayedSet
+    from proj.stores.delayed import DelayedSet
 
     # Production parks past 30 s (BROKER_MAX_COUNTDOWN); a connection with 1 s keeps the test short.
     options = {**celery_app.conf.broker_transport_options, "park_after": 1}

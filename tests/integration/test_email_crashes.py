@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
-from proj.ledger import Ledger
 from proj.mail import message_id_for
 from proj.settings import Settings
+from proj.stores.ledger import Ledger
 from tests.conftest import smtp_env
 from tests.harness import RedisServer, wait_for
 

@@ -8,8 +8,8 @@ import time
 import pytest
 from PIL import Image
 
-from proj.devsmtp import MailSink, start
 from proj.settings import Settings
+from proj.stack.devsmtp import MailSink, start
 from tests.conftest import smtp_env
 from tests.harness import free_port, wait_for
 
@@ -95,7 +95,7 @@ def test_451_then_250_delivers_once_after_one_retry(start_worker, smtp_server):
 
 
 def test_a_connection_dropped_during_data_is_replaced_and_the_message_sent_once(start_worker, smtp_server):
-    from proj.devsmtp import DISCONNECT
+    from proj.stack.devsmtp import DISCONNECT
     from tasks.email import send_email
 
     start_worker(EMAIL_QUEUES, env=smtp_env(smtp_server), concurrency=1)
@@ -111,7 +111,7 @@ def test_a_connection_dropped_during_data_is_replaced_and_the_message_sent_once(
 
 
 def test_550_fails_at_once_with_the_reply(start_worker, smtp_server, redis_client):
-    from proj.deadletters import DeadLetterStore
+    from proj.stores.deadletters import DeadLetterStore
     from tasks.email import send_email
 
     smtp_server.handler.fail_next("550 5.7.1 Rejected by policy")
@@ -205,7 +205,7 @@ def test_header_injection_and_bad_addresses_fail_permanently_and_the_worker_stay
 def test_a_long_countdown_waits_in_the_delayed_set_not_in_the_broker(
     start_worker, smtp_server, redis_client, celery_app, monkeypatch
 ):
-    from proj.delayed import DelayedSet
+    from proj.stores.delayed import DelayedSet
     from tasks.email import send_email
 
     monkeypatch.setitem(celery_app.conf, "broker_max_countdown", 1)  # production: 30 s
@@ -284,7 +284,7 @@ def test_proj_send_email_cli(start_worker, smtp_server, worker_env):
     command = [
         sys.executable,
         "-m",
-        "proj.cli",
+        "proj.cli.main",
         "send-email",
         "--to",
         "max@example.com",

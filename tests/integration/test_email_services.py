@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from proj.delayed import DelayedSet
 from proj.errors import EmailDeliveryError, RateLimitedError
-from proj.ledger import Ledger
 from proj.mail import Mailer, validate
-from proj.ratelimit import DomainRateLimiter, parse_limits
 from proj.settings import Settings
+from proj.stores.delayed import DelayedSet
+from proj.stores.ledger import Ledger
+from proj.stores.ratelimit import DomainRateLimiter, parse_limits
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.integration
@@ -126,8 +126,8 @@ def test_tls_modes_auth_and_certificate_failures(redis_client, smtp_server_tls, 
 
     from aiosmtpd.controller import Controller
 
-    from proj.devsmtp import MailSink
     from proj.errors import EmailRejectedError
+    from proj.stack.devsmtp import MailSink
     from tests.harness import free_port
 
     def send(settings: Settings, key: str) -> dict:

@@ -15,7 +15,7 @@ import pytest
 import zstandard
 from PIL import Image
 
-from proj.deadletters import DeadLetterStore
+from proj.stores.deadletters import DeadLetterStore
 from tests import filefactory as ff
 from tests.harness import wait_for
 

@@ -7,7 +7,7 @@ import ssl
 
 import pytest
 
-from proj.devsmtp import DISCONNECT
+from proj.stack.devsmtp import DISCONNECT
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 import redis
 
-from proj.broker import UNREADABLE_KEY
-from proj.inflight import LEASES_KEY, REGISTRY_KEY, InflightLists
+from proj.integration.kombu_transport import UNREADABLE_KEY
+from proj.stores.inflight import LEASES_KEY, REGISTRY_KEY, InflightLists
 from tests.harness import ROOT, EventMonitor, wait_for
 
 pytestmark = pytest.mark.integration
@@ -38,7 +38,7 @@ def test_a_running_task_is_in_its_workers_inflight_list_and_leaves_it_when_done(
     assert [json.loads(m)["headers"]["id"] for m in redis_client.lrange(inflight, 0, -1)] == [result.id]
     assert redis_client.llen("default") == 0 and redis_client.hlen("unacked") == 0
     status = subprocess.run(
-        [sys.executable, "-m", "proj.cli", "status", "--json", "--timeout", "1"],
+        [sys.executable, "-m", "proj.cli.main", "status", "--json", "--timeout", "1"],
         cwd=ROOT,
         env=worker_env,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""proj's Redis result backend (proj.celery_results) against a real Redis and a real worker."""
+"""proj's Redis result backend (proj.integration.result_backend) against a real Redis and a real worker."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from celery import states
 from kombu.utils.uuid import uuid
 
-from proj.celery_results import RECHECK_AFTER, UNSUBSCRIBE_BATCH, RedisBackend
+from proj.integration.result_backend import RECHECK_AFTER, UNSUBSCRIBE_BATCH, RedisBackend
 
 pytestmark = pytest.mark.integration
 

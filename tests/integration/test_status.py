@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 def _status(env, *args):
     return subprocess.run(
-        [sys.executable, "-m", "proj.cli", "status", *args],
+        [sys.executable, "-m", "proj.cli.main", "status", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from proj.deadletters import DeadLetterStore
+from proj.stores.deadletters import DeadLetterStore
 from tests.harness import ROOT, wait_for
 
 pytestmark = pytest.mark.integration
@@ -110,7 +110,7 @@ def test_unknown_arguments_fail_permanently_into_dead_letters(start_worker, cele
 
 
 def test_dlq_replay_from_the_cli_runs_the_task_again(start_worker, celery_app, redis_client, worker_env):
-    from proj.deadletters import DeadLetter
+    from proj.stores.deadletters import DeadLetter
 
     store = DeadLetterStore(redis_client)
     store.record(
@@ -124,7 +124,7 @@ def test_dlq_replay_from_the_cli_runs_the_task_again(start_worker, celery_app, r
         )
     )
     listed = subprocess.run(
-        [sys.executable, "-m", "proj.cli", "dlq", "list"],
+        [sys.executable, "-m", "proj.cli.main", "dlq", "list"],
         cwd=ROOT,
         env=worker_env,
         capture_output=True,
@@ -134,7 +134,7 @@ def test_dlq_replay_from_the_cli_runs_the_task_again(start_worker, celery_app, r
     assert "dead-1" in listed.stdout and "gave up" in listed.stdout
     start_worker("default", concurrency=1)
     replay = subprocess.run(
-        [sys.executable, "-m", "proj.cli", "dlq", "replay", "dead-1"],
+        [sys.executable, "-m", "proj.cli.main", "dlq", "replay", "dead-1"],
         cwd=ROOT,
         env=worker_env,
         capture_output=True,

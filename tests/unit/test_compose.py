@@ -165,7 +165,7 @@ def test_dockerfile_runs_as_non_root_and_copies_what_the_app_needs(tmp_path: Pat
         copy = shutil.copytree if (ROOT / source).is_dir() else shutil.copy2
         copy(ROOT / source, context / source)
     code = (
-        "import sys, celeryconfig, proj.cli\n"
+        "import sys, celeryconfig, proj.cli.main\n"
         "from proj.celery import app\n"
         "app.loader.import_default_modules()\n"
         "outside = [m for m in ('celeryconfig', 'proj', 'tasks', 'tasks.health')\n"

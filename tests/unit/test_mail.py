@@ -11,8 +11,8 @@ import pytest
 from proj.errors import EmailDeliveryError, EmailRejectedError, InvalidEmailError, TransientError
 from proj.mail import build_message, message_id_for, to_bytes, validate
 from proj.mail.transport import classify
-from proj.ratelimit import parse_limits
 from proj.settings import Settings
+from proj.stores.ratelimit import parse_limits
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from proj.settings import Settings
-from proj.stack import EMBEDDED_REDIS_FIRST_PORT, StackError, plan, port_free, write_env_file
+from proj.stack.plan import EMBEDDED_REDIS_FIRST_PORT, StackError, plan, port_free, write_env_file
 from tests.harness import free_port
 
 

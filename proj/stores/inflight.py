@@ -24,8 +24,8 @@ import redis
 
 logger = logging.getLogger(__name__)
 
-REGISTRY_KEY = "proj.inflight"  # hash: inflight list -> the queue list it takes from
-LEASES_KEY = "proj.inflight.leases"  # sorted set: inflight list -> lease end (Redis clock, seconds)
+REGISTRY_KEY = "proj.stores.inflight"  # hash: inflight list -> the queue list it takes from
+LEASES_KEY = "proj.stores.inflight.leases"  # sorted set: inflight list -> lease end (Redis clock, seconds)
 SWEEP_LIMIT = 100  # expired lists handled per sweep
 
 # The Redis clock, so that workers on machines with skewed clocks agree on when a lease ended.
@@ -183,4 +183,4 @@ KEEPER = LeaseKeeper()
 
 def inflight_name(queue: str, token: str) -> str:
     """The inflight list of one consumer (token) of one queue."""
-    return f"{REGISTRY_KEY}.{token}.{queue}"
+    return f"{REGISTRY_KEY}:{token}:{queue}"

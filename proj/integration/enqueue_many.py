@@ -3,8 +3,9 @@
 Celery glue (imports celery). Messages, routing, headers, `before_task_publish` handlers and the
 `task-sent` event are those of `.delay()`; three things differ. The first signature of each kind
 (task and options) goes through Celery's `apply_async`, the others are copies of its message with
-their own id and arguments (`proj.celery_bulk`: what `apply_async` would do per message is done per
-copy; signatures it cannot copy, such as countdowns, links or canvases, go through `apply_async`).
+their own id and arguments (proj.integration.message_copies: what `apply_async` would do per
+message is done per copy; signatures it cannot copy, such as countdowns, links or canvases, go
+through `apply_async`).
 kombu's producer batch buffers the LPUSH commands and sends them `batch_size` at a time in one
 round trip, where `.delay()` waits for each. And the `task-sent` events leave after the messages,
 grouped in one `task.multi` event message, the form Celery's workers use for their own events and
@@ -20,7 +21,7 @@ from typing import Any
 from celery import Celery, Signature
 from celery.result import AsyncResult
 
-from proj.celery_bulk import Kind, Template, check_arguments, kind_of, record
+from proj.integration.message_copies import Kind, Template, check_arguments, kind_of, record
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +86,7 @@ class _Publisher:
     def publish(self, sig: Signature[Any]) -> AsyncResult[Any]:
         """Publish one signature; its result."""
         if "countdown" in sig.options or "eta" in sig.options:
-            # Delayed messages take the task's own path: DelayedTask parks long delays outside the
-            # broker, which it only does when it chooses the producer itself.
+            # Delayed messages are published one by one (a long delay is parked, not batched).
             return sig.apply_async()
         kind = kind_of(sig, self.app)
         if kind is None:

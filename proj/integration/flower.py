@@ -1,7 +1,7 @@
 """Flower as proj runs it: Celery's `flower` command with `/metrics` behind Flower's own auth.
 
 Celery glue. Flower serves its Prometheus `/metrics` (task names, worker names, counts) to anyone,
-whatever `--basic-auth` says, and has no option to change that. `python -m proj.celery_flower ARGS` runs
+whatever `--basic-auth` says, and has no option to change that. `python -m proj.integration.flower ARGS` runs
 `celery -A proj flower ARGS` with that one handler wrapped in Tornado's `authenticated`, the check
 every other Flower page uses. `/healthcheck` stays open: it answers "OK" and nothing else.
 """

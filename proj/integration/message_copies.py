@@ -1,4 +1,4 @@
-"""Messages built by copying one that Celery built: the fast path of `proj.bulk.enqueue_many`.
+"""Messages built by copying one that Celery built: the fast path of `enqueue_many`.
 
 Celery glue (imports celery). The first signature of a kind (same task, same options) goes through
 Celery's whole `apply_async`, with a recording producer in place of the real one; the message it
@@ -58,7 +58,7 @@ PUBLISH_ARGUMENTS = frozenset(
     }
 )
 # A task class may declare that its apply_async differs from Celery's only for delayed messages
-# (which are never copied), as proj's DelayedTask does.
+# (which are never copied).
 COPYABLE_ATTRIBUTE = "apply_async_copyable"
 
 Kind = tuple[Hashable, ...]

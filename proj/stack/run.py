@@ -18,7 +18,7 @@ import honcho.manager
 from honcho.environ import parse_procfile
 from honcho.manager import Manager
 
-from proj.stack import Stack, StackError, write_env_file
+from proj.stack.plan import Stack, StackError, write_env_file
 
 # Started before the Celery processes and stopped after them: a worker finishing its tasks on
 # Ctrl-C still needs Redis to ack them and SMTP to send the mail they are about.

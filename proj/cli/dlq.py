@@ -10,8 +10,8 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from proj.deadletters import DeadLetter, DeadLetterStore
 from proj.settings import get_settings
+from proj.stores.deadletters import DeadLetter, DeadLetterStore
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

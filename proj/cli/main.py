@@ -9,11 +9,11 @@ import sys
 
 # name -> module exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("proj.stack", "start the whole local stack (Redis, workers, beat, Flower, SMTP)"),
-    "status": ("proj.status", "queues, depths, oldest message age, workers"),
-    "dlq": ("proj.deadletters_cli", "list, show, replay or purge tasks that failed for good"),
-    "send-email": ("proj.mail_cli", "enqueue one email and print its result"),
-    "process-file": ("proj.files_cli", "copy a file into storage, run the pipeline, follow progress"),
+    "up": ("proj.cli.up", "start the whole local stack (Redis, workers, beat, Flower, SMTP)"),
+    "status": ("proj.cli.status", "queues, depths, oldest message age, workers"),
+    "dlq": ("proj.cli.dlq", "list, show, replay or purge tasks that failed for good"),
+    "send-email": ("proj.cli.send_email", "enqueue one email and print its result"),
+    "process-file": ("proj.cli.process_file", "copy a file into storage, run the pipeline, follow progress"),
 }
 
 

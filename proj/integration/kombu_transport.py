@@ -14,7 +14,7 @@ channel that py-spy shows on every message (docs/benchmarks.md):
   PUBLISH. Events are best-effort monitoring data; they take the same unawaited connection.
 
 A consumer of a single queue list takes messages with BLMOVE into an inflight list of its own
-(proj/inflight.py) instead of BRPOP + an unacked record: the message never leaves Redis, one write
+(proj/stores/inflight.py) instead of BRPOP + an unacked record: the message never leaves Redis, one write
 less runs before each task, and its ack is an LREM. Consumers of several lists (BLMOVE takes from
 one) keep kombu's BRPOP and unacked records, sent as kombu sends them, without waiting for replies.
 """
@@ -37,15 +37,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proj.delayed import DelayedSet, eta_epoch
-from proj.inflight import KEEPER, InflightLists, inflight_name
+from proj.stores.inflight import KEEPER, InflightLists, inflight_name
 
 logger = logging.getLogger(__name__)
 
 # Celery's default `event_exchange`: the fanout exchange of task and worker events.
 EVENT_EXCHANGE = "celeryev"
 # Where a consumer of one queue puts what it took but cannot read as a kombu message (not a task).
-UNREADABLE_KEY = "proj.unreadable"
+UNREADABLE_KEY = "proj:unreadable"
 # Replies left unread until this many are outstanding, then read together: reading them one by
 # one as they arrive cost a solo worker two receive syscalls per task, before each task ran.
 COLLECT_AT = 256
@@ -221,11 +220,9 @@ class Channel(_RedisChannel):  # type: ignore[misc]
     """A Redis channel that reuses its synchronous client and does not wait on bookkeeping writes."""
 
     QoS = QoS
-    from_transport_options = (*_RedisChannel.from_transport_options, "inflight_lease", "park_after")
-    #: Seconds an inflight list outlives the last renewal by its process (proj/inflight.py).
+    from_transport_options = (*_RedisChannel.from_transport_options, "inflight_lease")
+    #: Seconds an inflight list outlives the last renewal by its process (proj/stores/inflight.py).
     inflight_lease = 60.0
-    #: Seconds: a message due further ahead is parked in proj's delayed set (None: never).
-    park_after: float | None = None
     #: Take from a single queue list with BLMOVE (False: kombu's BRPOP + unacked record always).
     take_into_inflight = True
     _sync_client: Any = None
@@ -355,22 +352,6 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         """Wait until everything sent unawaited has been applied."""
         if self._writer is not None:
             self._writer.flush()
-
-    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        """kombu's LPUSH; a message due further ahead than `park_after` waits in proj's delayed set.
-
-        `DelayedTask` parks such messages itself; this catches every other way of publishing one
-        (`send_task` by name, canvases, other task classes), so no worker holds it past its lease or
-        the visibility timeout.
-        """
-        eta = (message.get("headers") or {}).get("eta")
-        if eta and self.park_after is not None and eta_epoch(eta) - time.time() > float(self.park_after):
-            priority = self._get_message_priority(message, reverse=False)
-            DelayedSet(self._create_client()).add(
-                self._q_for_pri(queue, priority), dumps(message), eta_epoch(eta)
-            )
-            return
-        super()._put(queue, message, **kwargs)
 
     def _put_fanout(self, exchange: str, message: Any, routing_key: str, **kwargs: Any) -> None:
         """Events go through the unawaited writer; other fanout messages as kombu sends them."""

@@ -156,7 +156,7 @@ def start(
 
 def main(argv: list[str] | None = None) -> None:
     """Run the development server until interrupted."""
-    parser = argparse.ArgumentParser(prog="python -m proj.devsmtp", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m proj.stack.devsmtp", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=1025)
     parser.add_argument("--mail-dir", type=Path, default=Path(".local/mail"))

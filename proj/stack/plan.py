@@ -1,8 +1,7 @@
-"""`proj up`: the whole local stack from the Procfile, in the foreground until Ctrl-C."""
+"""The plan of one local stack: ports, the embedded Redis, Flower credentials, stack.env."""
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
@@ -83,44 +82,6 @@ class Stack:
         for secret in ("FLOWER_USER", "FLOWER_PASSWORD"):  # for the user's shell, not the processes
             env.pop(secret, None)
         return env
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `proj up`."""
-    parser.add_argument(
-        "--procfile",
-        type=Path,
-        default=ROOT / "Procfile",
-        help="the Procfile to run (default: the one at the top of the project)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Start the stack and keep it running until SIGINT or SIGTERM."""
-    settings = Settings.from_env()
-    local_dir = settings.local_dir.resolve()
-    local_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock(local_dir)
-    if lock is None:
-        print(f"proj up: another `proj up` is using {local_dir}; stop it first", file=sys.stderr)
-        return 1
-    try:
-        from proj.stack_run import run_stack
-
-        if not args.procfile.is_file():
-            raise StackError(f"no Procfile at {args.procfile}; pass --procfile PATH")
-        stack = plan(settings, local_dir)
-        for folder in (local_dir / "redis", local_dir / "mail", stack.files_root):
-            folder.mkdir(parents=True, exist_ok=True)
-        print(banner(stack), flush=True)
-        return run_stack(stack, args.procfile)
-    except StackError as exc:
-        print(f"proj up: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C before anything started
-        return 130
-    finally:
-        os.close(lock)
 
 
 def plan(settings: Settings, local_dir: Path) -> Stack:
@@ -226,7 +187,7 @@ def banner(stack: Stack) -> str:
     )
 
 
-def _lock(local_dir: Path) -> int | None:
+def lock_local_dir(local_dir: Path) -> int | None:
     """Hold .local/stack.lock for the life of the stack, so two stacks never share one Redis dir."""
     fd = os.open(local_dir / "stack.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:

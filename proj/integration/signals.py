@@ -11,9 +11,9 @@ from typing import Any
 import redis
 from celery.signals import before_task_publish, task_failure
 
-from proj.deadletters import DeadLetter, DeadLetterStore
 from proj.settings import get_settings
-from proj.status import SENT_AT_HEADER
+from proj.stores.deadletters import DeadLetter, DeadLetterStore
+from proj.stores.queues import SENT_AT_HEADER
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The `proj` command: one module per subcommand."""

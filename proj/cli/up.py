@@ -1,0 +1,48 @@
+"""`proj up`: the whole local stack from the Procfile, in the foreground until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from proj.settings import Settings
+from proj.stack.plan import ROOT, StackError, banner, lock_local_dir, plan
+from proj.stack.run import run_stack
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `proj up`."""
+    parser.add_argument(
+        "--procfile",
+        type=Path,
+        default=ROOT / "Procfile",
+        help="the Procfile to run (default: the one at the top of the project)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the stack and keep it running until SIGINT or SIGTERM."""
+    settings = Settings.from_env()
+    local_dir = settings.local_dir.resolve()
+    local_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_local_dir(local_dir)
+    if lock is None:
+        print(f"proj up: another `proj up` is using {local_dir}; stop it first", file=sys.stderr)
+        return 1
+    try:
+        if not args.procfile.is_file():
+            raise StackError(f"no Procfile at {args.procfile}; pass --procfile PATH")
+        stack = plan(settings, local_dir)
+        for folder in (local_dir / "redis", local_dir / "mail", stack.files_root):
+            folder.mkdir(parents=True, exist_ok=True)
+        print(banner(stack), flush=True)
+        return run_stack(stack, args.procfile)
+    except StackError as exc:
+        print(f"proj up: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before anything started
+        return 130
+    finally:
+        os.close(lock)

@@ -1,0 +1,1 @@
+"""Redis-backed stores of proj: plain redis-py, no Celery, no kombu."""
