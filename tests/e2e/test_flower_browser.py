@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.e2e.localstack import LocalStack
-from tests.harness import IN_CI
+from tests.harness import IN_CI, ROOT, RedisServer, free_port, stop_process, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -89,4 +96,118 @@ def test_flower_in_a_browser(local_stack: LocalStack, browser: Any, tmp_path: Pa
     page.goto(f"{url}/workers")
     for worker in ("email-1@", "email-2@", "files@"):
         expect(page.get_by_role("link", name=worker)).to_be_visible(timeout=20_000)
+    context.close()
+
+
+# Messages left waiting per queue (no worker runs): distinct counts, so a swapped column shows.
+WAITING = {"email": 3, "email_bulk": 0, "files": 2, "default": 1}
+FLOWER_USER, FLOWER_PASSWORD = "admin", "queue-lengths"
+
+
+@dataclass
+class FlowerProcess:
+    """`python -m proj.integration.flower` on a free port, with basic auth, against the test Redis."""
+
+    url: str
+    redis_address: str  # host:port/db, as the Broker page shows it after the scheme and credentials
+
+
+def _http(url: str, method: str = "GET", body: dict[str, Any] | None = None, auth: bool = True) -> Any:
+    """Status and JSON answer (or text) of one request to Flower, with or without basic auth."""
+    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None)
+    if auth:
+        token = base64.b64encode(f"{FLOWER_USER}:{FLOWER_PASSWORD}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def _healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> bool:
+    if proc.poll() is not None:
+        raise RuntimeError(f"flower exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+    try:
+        with urllib.request.urlopen(f"{url}/healthcheck", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=[False, True], ids=["proj-transport", "stock-celery"])
+def own_flower(
+    request: pytest.FixtureRequest, redis_server: RedisServer, redis_client: Any, tmp_path: Path
+) -> Iterator[FlowerProcess]:
+    """Flower as the stack runs it, with PROJ_STOCK_CELERY unset or 1; stopped by PID."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_") and k != "PROJ_STOCK_CELERY"}
+    env.update(
+        REDIS_URL=redis_server.url,
+        CELERY_BROKER_URL=redis_server.url,
+        CELERY_RESULT_BACKEND=redis_server.url,
+        FLOWER_BASIC_AUTH=f"{FLOWER_USER}:{FLOWER_PASSWORD}",
+        PYTHONUNBUFFERED="1",
+    )
+    if request.param:
+        env["PROJ_STOCK_CELERY"] = "1"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "flower.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proj.integration.flower", "--address=127.0.0.1", f"--port={port}"],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: _healthy(url, proc, log), timeout=60, interval=0.1, what="flower to answer")
+        yield FlowerProcess(url, f"127.0.0.1:{redis_server.port}/0")
+    finally:
+        stop_process(proc)
+
+
+def test_flower_shows_queue_lengths(own_flower: FlowerProcess, browser: Any, redis_client: Any) -> None:
+    from playwright.sync_api import Error
+
+    url = own_flower.url
+    # Sent through Flower's own API, so by proj's app in the switch state under test.
+    for queue, count in WAITING.items():
+        for _ in range(count):
+            status, answer = _http(f"{url}/api/task/send-task/tasks.health.canary", "POST", {"queue": queue})
+            assert status == 200, answer
+    wait_for(
+        lambda: {q: redis_client.llen(q) for q in WAITING} == WAITING,
+        timeout=10,
+        what="the messages in Redis",
+    )
+
+    status, answer = _http(f"{url}/api/queues/length", auth=False)
+    assert status == 401 and "active_queues" not in answer
+    anonymous = browser.new_context()
+    try:
+        response = anonymous.new_page().goto(f"{url}/broker")
+        refused = response is not None and response.status == 401 and "email_bulk" not in response.text()
+    except Error as exc:  # Chromium turns a 401 with no way to log in into this navigation error
+        refused = "ERR_INVALID_AUTH_CREDENTIALS" in str(exc)
+    anonymous.close()
+    assert refused
+
+    status, answer = _http(f"{url}/api/queues/length")
+    assert status == 200, answer
+    assert {q["name"]: q["messages"] for q in answer["active_queues"]} == WAITING
+
+    context = browser.new_context(
+        http_credentials={"username": FLOWER_USER, "password": FLOWER_PASSWORD},
+        viewport={"width": 1280, "height": 800},  # narrower windows hide the Messages column
+    )
+    page = context.new_page()
+    response = page.goto(f"{url}/broker")
+    assert response is not None and response.status == 200
+    headers = [h.strip().lower() for h in page.locator("#queue-table thead th").all_inner_texts()]
+    rows = [row.locator("td").all_inner_texts() for row in page.locator("#queue-table tbody tr").all()]
+    shown = {cells[0].strip(): cells[headers.index("messages")].strip() for cells in rows}
+    assert shown == {queue: str(count) for queue, count in WAITING.items()}, rows
+    broker_url = page.locator(".broker-url").inner_text().strip()
+    assert broker_url.startswith("redis://") and broker_url.endswith(own_flower.redis_address), broker_url
     context.close()
