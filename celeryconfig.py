@@ -78,7 +78,8 @@ task_reject_on_worker_lost = True
 task_soft_time_limit = _env_int("TASK_SOFT_TIME_LIMIT", 270)
 task_time_limit = _env_int("TASK_TIME_LIMIT", 300)
 
-# Longest countdown the broker itself holds; longer delays wait in proj's delayed set instead.
+# Longest countdown the broker itself holds; longer delays wait in proj's delayed set instead
+# (proj.integration.parking), whichever way the message is published.
 broker_max_countdown = _env_int("BROKER_MAX_COUNTDOWN", 30)
 
 # Redis has no acks: an unacked message comes back after this many seconds, so it must outlast
@@ -96,8 +97,6 @@ broker_transport_options = {
     # a killed worker's messages go back after the lease instead of the visibility timeout.
     "priority_steps": [0],
     "inflight_lease": _env_int("BROKER_INFLIGHT_LEASE", 60),
-    # A message due further ahead than this waits in proj's delayed set (proj.integration.parking).
-    "park_after": broker_max_countdown,
     # Sweep for messages of dead workers every N seconds (kombu's default is ~100 s: 10 s x throttle 10),
     # so the worst-case redelivery delay is visibility_timeout + this.
     "unacked_restore_interval": _env_int("BROKER_RESTORE_INTERVAL", 10),

@@ -29,6 +29,18 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("EMAIL_RETRY_BACKOFF_MAX", "2")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With PROJ_STOCK_CELERY=1 proj's replacements are off: their own tests do not apply."""
+    import celeryconfig
+
+    if not celeryconfig.proj_stock_celery:
+        return
+    skip = pytest.mark.skip(reason="tests a replacement that PROJ_STOCK_CELERY=1 turns off")
+    for item in items:
+        if item.get_closest_marker("layer"):
+            item.add_marker(skip)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _REDIS is not None:
         _REDIS.stop()

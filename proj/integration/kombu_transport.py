@@ -1,7 +1,7 @@
 """kombu's Redis transport, cheaper per message: one client per channel, fewer waits for replies.
 
-Celery glue, selected by `broker_transport` in celeryconfig. Three costs of kombu 5.7's Redis
-channel that py-spy shows on every message (docs/benchmarks.md):
+Selected by `broker_transport` in celeryconfig (unless PROJ_STOCK_CELERY=1). Three costs of kombu
+5.7's Redis channel that py-spy shows on every message (docs/internals.md):
 
 - It builds a new `redis.Redis` object for every command outside the consumer's BRPOP (unacked
   bookkeeping, ack, event publish, `.delay()`); with redis-py 8 that costs more than sending the
@@ -9,21 +9,20 @@ channel that py-spy shows on every message (docs/benchmarks.md):
   so one per channel is enough; redis-py clients are thread-safe and pipelines stay per call.
 - A worker waits for the reply to the unacked record of each message (ZADD + HSET) and to its ack
   (ZREM + HDEL): two round trips per task during which a solo worker does nothing. They are sent
-  on one connection of their own, in order, and the replies read when they have arrived.
+  on one connection of their own, in order (proj.integration.unawaited), and the replies read in
+  bulk; all of them before the consumer takes its next message, so a refusal stops it there.
 - Each event (`task-sent` on every `.delay()`, the worker's task events) waits for the reply to its
   PUBLISH. Events are best-effort monitoring data; they take the same unawaited connection.
 
 A consumer of a single queue list takes messages with BLMOVE into an inflight list of its own
-(proj/stores/inflight.py) instead of BRPOP + an unacked record: the message never leaves Redis, one write
-less runs before each task, and its ack is an LREM. Consumers of several lists (BLMOVE takes from
+(proj.stores.inflight) instead of BRPOP + an unacked record: the message never leaves Redis, one
+write less runs before each task, and its ack is an LREM. Consumers of several lists (BLMOVE takes from
 one) keep kombu's BRPOP and unacked records, sent as kombu sends them, without waiting for replies.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 import uuid
 from queue import Empty
@@ -33,10 +32,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from proj.integration.unawaited import RefusedWriteError, UnawaitedWriter
 from proj.stores.inflight import KEEPER, InflightLists, inflight_name
 
 logger = logging.getLogger(__name__)
@@ -45,90 +42,9 @@ logger = logging.getLogger(__name__)
 EVENT_EXCHANGE = "celeryev"
 # Where a consumer of one queue puts what it took but cannot read as a kombu message (not a task).
 UNREADABLE_KEY = "proj:unreadable"
-# Replies left unread until this many are outstanding, then read together: reading them one by
-# one as they arrive cost a solo worker two receive syscalls per task, before each task ran.
-COLLECT_AT = 256
-# Replies allowed to be outstanding before the publisher waits for them (bounds socket buffers).
-MAX_PENDING_REPLIES = 1000
 
 # Any: kombu's type stubs do not describe the channel internals overridden here.
 _RedisChannel: Any = kombu_redis.Channel
-
-
-class UnawaitedWriter:
-    """Commands on one pooled connection, replies read when they are there; thread- and fork-safe.
-
-    Redis answers a connection's commands in order, so what is sent here is applied in the order
-    it was sent; only the wait for each reply is skipped. Replies are read in bulk (COLLECT_AT), so
-    an error reply is logged up to that many commands later; a broken connection is dropped and its
-    error raised to the caller of `send`.
-    """
-
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
-        self._lock = threading.Lock()
-        self._connection: Any = None
-        self._pid = 0
-        self._pending = 0
-
-    def send(self, commands: list[tuple[Any, ...]]) -> None:
-        """Send the commands (one reply each) and read the replies that have already arrived."""
-        with self._lock:
-            connection = self._acquire()
-            try:
-                connection.send_packed_command(connection.pack_commands(commands), check_health=False)
-                self._pending += len(commands)
-                self._collect(connection)
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                self._drop()
-                raise
-
-    def flush(self) -> None:
-        """Wait for every outstanding reply: what was sent has been applied."""
-        with self._lock:
-            if self._connection is None or self._pid != os.getpid():
-                return
-            try:
-                while self._pending:
-                    self._read(self._connection)
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                self._drop()
-                raise
-
-    def close(self) -> None:
-        """Flush and give the connection back to the pool."""
-        try:
-            self.flush()
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            return
-        with self._lock:
-            if self._connection is not None and self._pid == os.getpid():
-                self._pool.release(self._connection)
-            self._connection = None
-
-    def _acquire(self) -> Any:
-        if self._connection is None or self._pid != os.getpid():  # a forked child needs its own
-            self._connection, self._pid, self._pending = self._pool.get_connection(), os.getpid(), 0
-        return self._connection
-
-    def _collect(self, connection: Any) -> None:
-        """Once COLLECT_AT are outstanding, read the replies already there; wait only past the limit."""
-        if self._pending < COLLECT_AT:
-            return
-        while self._pending and (self._pending > MAX_PENDING_REPLIES or connection.can_read(timeout=0)):
-            self._read(connection)
-
-    def _read(self, connection: Any) -> None:
-        self._pending -= 1
-        try:
-            connection.read_response()
-        except ResponseError as exc:
-            logger.warning("Redis refused an unawaited command: %s", exc)
-
-    def _drop(self) -> None:
-        if self._connection is not None:
-            self._connection.disconnect()
-        self._connection, self._pending = None, 0
 
 
 class QoS(kombu_redis.QoS):
@@ -261,6 +177,7 @@ class Channel(_RedisChannel):  # type: ignore[misc]
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         """Take from a single queue list with BLMOVE into this consumer's inflight list, else BRPOP."""
+        self._check_unawaited()
         queues = list(self.active_queues)
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         single = len(keys) == 1 and queues[0] not in self._no_ack_queues
@@ -348,6 +265,21 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         if moved:
             logger.info("Gave back %d taken message(s) on close", moved)
 
+    def _check_unawaited(self) -> None:
+        """Before taking a message: every unawaited write has been answered, and none refused.
+
+        A refused record, ack or inflight move (OOM under noeviction, READONLY after a failover,
+        NOAUTH) raises a connection error here: Celery's consumer then stops taking messages and
+        reconnects with its retry policy, as for a lost connection; what was taken stays in Redis.
+        """
+        if self._writer is None:
+            return
+        try:
+            self._writer.check()
+        except RefusedWriteError as exc:
+            logger.error("Stopped taking messages: %s", exc)
+            raise
+
     def flush_unawaited(self) -> None:
         """Wait until everything sent unawaited has been applied."""
         if self._writer is not None:
@@ -360,7 +292,7 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             super()._put_fanout(exchange, message, routing_key, **kwargs)
             return
         payload, topics = dumps(message), self._get_publish_topics(exchange, routing_key)
-        writer.send([("PUBLISH", topic, payload) for topic in topics])
+        writer.send([("PUBLISH", topic, payload) for topic in topics], resend=False)
 
     def close(self) -> None:
         """Let the unawaited writes land before the channel (and its restore of unacked) goes."""

@@ -4,8 +4,8 @@ Why: on Redis a message with a far ETA sits in a worker's memory and comes back 
 timeout, so long retry delays would force the timeout up and with it the time a killed worker's
 tasks wait. Every task message leaves through a kombu producer's `publish` (`.delay()`,
 `apply_async`, `send_task` by name, retries, canvases, `enqueue_many`), so `ParkingProducer` is the
-one place that decides: a message due further ahead than `park_after` (celeryconfig's
-`broker_max_countdown`) is published through a channel of the same transport whose only change is
+one place that decides: a message due further ahead than celeryconfig's `broker_max_countdown` is
+published through a channel of the same transport whose only change is
 that its `_put` adds the serialised message to the delayed set (`proj.stores.delayed`) instead of
 pushing it onto the queue. It is byte for byte what the broker would have held, so when
 `DelayedRelease` moves it onto its queue a worker runs it as if it had waited in the broker. This
@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import redis
 from celery import Task, bootsteps
 from celery.exceptions import Retry
-from kombu import Producer
+from kombu import Connection, Producer
 from kombu.utils.json import dumps
 
 from proj.stores.delayed import DelayedSet, eta_epoch
@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 # How often each worker moves due messages onto their queues; also the extra delay they can get.
 RELEASE_INTERVAL = 1.0
-# The transport option that holds the longest delay the broker itself keeps (celeryconfig).
-PARK_AFTER_OPTION = "park_after"
+# The setting (celeryconfig) that holds the longest delay the broker itself keeps.
+PARK_AFTER_SETTING = "broker_max_countdown"
 
 
 class _ParkingChannelMixin:
@@ -68,15 +68,20 @@ def due_in(headers: dict[str, Any] | None) -> float:
 
 
 class ParkingProducer(Producer):
-    """kombu's producer; a message due later than the transport's `park_after` goes to the delayed set."""
+    """kombu's producer; a message due later than `app_conf.broker_max_countdown` goes to the delayed set."""
+
+    #: The Celery app's configuration (set on the class the app's AMQP helper makes); None: never park.
+    app_conf: Any = None
 
     def publish(self, body: Any, routing_key: Any = None, *args: Any, **kwargs: Any) -> Any:
         """Publish as kombu does, or into the delayed set when the message is due far ahead."""
-        connection: Any = self.connection
-        park_after = (connection.transport_options or {}).get(PARK_AFTER_OPTION)
+        park_after = None if self.app_conf is None else self.app_conf.get(PARK_AFTER_SETTING)
         if park_after is None or due_in(kwargs.get("headers")) <= float(park_after):
             return super().publish(body, routing_key, *args, **kwargs)
-        with connection.clone(transport=parking_transport(type(connection.transport))) as parking:
+        connection: Any = self.connection
+        # Connection, not clone(): a pooled connection's class needs its pool.
+        settings = {**connection.info(), "transport": parking_transport(type(connection.transport))}
+        with Connection(**settings) as parking:
             producer = Producer(parking.default_channel, exchange=self.exchange, auto_declare=False)
             return producer.publish(body, routing_key, *args, **kwargs)
 

@@ -11,6 +11,7 @@ through kombu unchanged.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 from celery.app import amqp as celery_amqp
@@ -32,7 +33,12 @@ class CachedDeclarationProducer(ParkingProducer):
 class AMQP(celery_amqp.AMQP):
     """Celery's AMQP helper making parking producers, for `.delay()` and `enqueue_many` alike."""
 
-    Producer: Any = ParkingProducer
+    producer_class: type[ParkingProducer] = ParkingProducer
+
+    @cached_property
+    def Producer(self) -> Any:  # type: ignore[override]  # a class attribute in Celery
+        """The producer class, reading this app's `broker_max_countdown`."""
+        return type(self.producer_class.__name__, (self.producer_class,), {"app_conf": self.app.conf})
 
     @property
     def producer_pool(self) -> Any:
@@ -45,4 +51,4 @@ class AMQP(celery_amqp.AMQP):
 class FastAMQP(AMQP):
     """`AMQP` whose producers skip kombu's costly path for entities already declared."""
 
-    Producer = CachedDeclarationProducer
+    producer_class = CachedDeclarationProducer

@@ -13,13 +13,6 @@ Celery's backend unchanged.
   and still reads it once if nothing has arrived after `RECHECK_AFTER` seconds (a subscription
   delayed on the network past the result; a lost pub/sub connection is caught up by Celery's own
   reconnect, which reads every subscribed result).
-- `.delay()` subscribes to the result's channel through redis-py's pub/sub command path (lock,
-  health check, retry wrapper, timing hooks) before the task is published. On a connection that is
-  already subscribed, the SUBSCRIBE is packed and sent directly, and redis-py's record of channels
-  updated as `subscribe` does (it resubscribes them after a reconnect): ~20-30 us earlier LPUSH.
-- Once a result has arrived, Celery unsubscribes from its channel right away, one UNSUBSCRIBE per
-  result before `.get()` returns. Here the channels of finished results are unsubscribed
-  `UNSUBSCRIBE_BATCH` at a time in one command (a finished result is not published again).
 - A worker storing a result first GETs the stored one, so that a redelivered task cannot overwrite
   a SUCCESS (Celery's guard against duplicates), then SETs and PUBLISHes: two round trips, the
   first one on the path of every `.get()`. Here one Lua script does the same check, the SET and the
@@ -48,9 +41,10 @@ _waiting_on: Any = vars(celery_asynchronous)["_waiting_on"]
 # Seconds after which a .get() that skipped the GET reads the result anyway.
 RECHECK_AFTER = 1.0
 # Store a result unless a SUCCESS is stored already; publish what was stored. KEYS: result key.
-# ARGV: encoded meta, expiry in seconds (0: none). Returns 1 when stored, 0 when a SUCCESS was kept.
-# Celery's JSON meta starts with its status: read it there rather than decode a result of any size
-# inside Redis; other encodings are decoded.
+# ARGV: encoded meta, expiry in seconds (0: none). Returns 1 when stored, 0 when a SUCCESS was kept,
+# 2 when the stored value's status cannot be read here (compressed, another serializer): nothing
+# written, Celery's own check decides. Celery's JSON meta starts with its status: read it there
+# rather than decode a result of any size inside Redis.
 STORE_UNLESS_SUCCEEDED = """
 local current = redis.call('GET', KEYS[1])
 if current then
@@ -59,6 +53,7 @@ if current then
     local ok, meta = pcall(cjson.decode, current)
     if ok and type(meta) == 'table' then status = meta['status'] end
   end
+  if not status then return 2 end
   if status == 'SUCCESS' then return 0 end
 end
 local expires = tonumber(ARGV[2])
@@ -70,8 +65,7 @@ end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 """
-# Finished results whose channels are unsubscribed together, in one command.
-UNSUBSCRIBE_BATCH = 64
+STATUS_UNREADABLE = 2
 # Tasks sent but not yet waited for, remembered as subscribed-before-publish (oldest forgotten first:
 # a forgotten one only costs its .get() the GET).
 MAX_REMEMBERED = 10_000
@@ -121,51 +115,6 @@ class ResultConsumer(_celery.ResultConsumer):  # type: ignore[misc]
         finally:
             self.on_message = previous
 
-    def _consume_from(self, task_id: str) -> None:
-        """Celery's subscription to the result's channel; a SUBSCRIBE sent directly when it can be."""
-        pubsub: Any = self._pubsub
-        connection = pubsub.connection
-        if self.green or connection is None or not pubsub.subscribed:
-            super()._consume_from(task_id)  # the first subscription connects and checks health
-            return
-        key = self._get_key_for_task(task_id)
-        self._pending_unsubscribe.discard(key)
-        if key in self.subscribed_to:
-            return
-        self.subscribed_to.add(key)
-        with self.reconnect_on_error():
-            with pubsub._lock:
-                connection.send_packed_command(connection.pack_command("SUBSCRIBE", key), check_health=False)
-            pubsub.channels.update(pubsub._normalize_keys({key: None}))
-
-    def cancel_for(self, task_id: str) -> None:
-        """Stop listening for `task_id`'s result: with the next UNSUBSCRIBE_BATCH - 1 others."""
-        if self.green:
-            super().cancel_for(task_id)
-            return
-        self._pending_unsubscribe.add(self._get_key_for_task(task_id))
-        self._flush_pending_unsubscribe()
-
-    def _flush_pending_unsubscribe(self) -> None:
-        """Celery's non-blocking unsubscribe of the pending channels, once a batch is there."""
-        if self.green:
-            super()._flush_pending_unsubscribe()
-            return
-        if self._lock_depth.value or len(self._pending_unsubscribe) < UNSUBSCRIBE_BATCH:
-            return  # inside a pubsub operation (its end comes back here), or too few yet
-        while self._pending_unsubscribe and self._pubsub_lock.acquire(blocking=False):
-            self._lock_depth.value += 1
-            try:
-                keys = [key for key in self._pending_unsubscribe if key in self.subscribed_to]
-                self._pending_unsubscribe.clear()
-                self.subscribed_to.difference_update(keys)
-                if keys and self._pubsub:
-                    with self.reconnect_on_error():
-                        self._pubsub.unsubscribe(*keys)
-            finally:
-                self._lock_depth.value -= 1
-                self._pubsub_lock.release()
-
     def _recheck_later(self, result: Any, on_interval: Callable[[], Any] | None) -> Callable[[], Any]:
         """`on_interval` plus one GET of the result if it has not arrived by RECHECK_AFTER."""
         due = time.monotonic() + RECHECK_AFTER
@@ -211,6 +160,8 @@ class RedisBackend(_celery.RedisBackend):  # type: ignore[misc]
         self, task_id: Any, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any
     ) -> Any:
         """Store the result as Celery does (a SUCCESS is never overwritten), in one round trip."""
+        if self.compression or self.serializer != "json":  # the script reads JSON only
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
         meta["task_id"] = bytes_to_str(task_id)
         value = self.encode(meta)
@@ -218,14 +169,16 @@ class RedisBackend(_celery.RedisBackend):  # type: ignore[misc]
             error: Any = BackendStoreError  # celery-types omits its state/task_id keywords
             raise error("value too large for Redis backend", state=state, task_id=task_id)
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        self.ensure(self._store_unless_succeeded, (self.get_key_for_task(task_id), value, expires))
+        stored = self.ensure(self._store_unless_succeeded, (self.get_key_for_task(task_id), value, expires))
+        if stored == STATUS_UNREADABLE:
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
         return result
 
-    def _store_unless_succeeded(self, key: Any, value: Any, expires: Any) -> None:
+    def _store_unless_succeeded(self, key: Any, value: Any, expires: Any) -> int:
         """Run the store script (redis-py loads it into Redis on first use)."""
         if self._store_script is None:
             self._store_script = self.client.register_script(STORE_UNLESS_SUCCEEDED)
-        self._store_script(keys=[key], args=[value, int(expires or 0)])
+        return int(self._store_script(keys=[key], args=[value, int(expires or 0)]))
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Subscribe to the result before the task is published, as Celery does; remember that."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from proj.settings import Settings, environ_with
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # 6379 is often a system Redis that is not ours to fill; the embedded one starts looking here.
 EMBEDDED_REDIS_FIRST_PORT = 6380
 EMBEDDED_REDIS_PORT_TRIES = 50

@@ -1,0 +1,163 @@
+"""Redis commands sent on one connection without waiting for each reply; refusals kept for the caller.
+
+Used by proj's kombu transport for the writes around a task that nothing needs to wait for in
+order: unacked records, acks, inflight moves and task events. Redis answers a connection's
+commands in order, so what is sent here is applied in the order it was sent; only the wait for each
+reply is skipped. Replies are read in bulk (COLLECT_AT) while sending, and all of them by `check`,
+which the consumer calls before it takes its next message: a refused write (OOM under noeviction,
+READONLY after a failover, NOAUTH, an ACL) is then sent again until Redis takes it, and no message
+is taken meanwhile. Giving up on an ack instead would run its task again; giving up on a record
+would leave a running message only in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+logger = logging.getLogger(__name__)
+
+# Replies left unread until this many are outstanding, then read together: reading them one by
+# one as they arrive cost a solo worker two receive syscalls per task, before each task ran.
+COLLECT_AT = 256
+# Replies allowed to be outstanding before the sender waits for them (bounds socket buffers).
+MAX_PENDING_REPLIES = 1000
+
+# How long `check` keeps sending a refused write again before it gives up (a connection error then).
+REFUSED_RETRY_SECONDS = 60.0
+REFUSED_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)  # then the last one until the time is up
+
+_BROKEN = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@dataclass
+class _Batch:
+    """Commands sent together, their replies still to read, and the first refusal among them."""
+
+    commands: list[tuple[Any, ...]]
+    resend: bool
+    unread: int = 0
+    refused: str | None = field(default=None)
+
+
+class RefusedWriteError(RedisConnectionError):
+    """Redis refused a write sent unawaited; a connection error, so kombu's consumer reconnects."""
+
+
+class UnawaitedWriter:
+    """Commands on one pooled connection, replies read when they are there; thread- and fork-safe."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._connection: Any = None
+        self._pid = 0
+        self._pending: deque[tuple[str, _Batch]] = deque()  # (command, its batch) per unread reply
+        self._refused: list[_Batch] = []  # batches to send again (all their replies read)
+
+    def send(self, commands: list[tuple[Any, ...]], resend: bool = True) -> None:
+        """Send the commands (one reply each) and read the replies that have already arrived.
+
+        `resend`: send them again if Redis refuses one (idempotent writes; a MULTI/EXEC block with a
+        refused command was not applied at all). Events are not: they are best-effort.
+        """
+        with self._lock:
+            connection = self._acquire()
+            try:
+                connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+                batch = _Batch(commands, resend, unread=len(commands))
+                self._pending.extend((str(command[0]), batch) for command in commands)
+                self._collect(connection)
+            except _BROKEN:
+                self._drop()
+                raise
+
+    def flush(self) -> None:
+        """Wait for every outstanding reply: what was sent has been applied or refused."""
+        with self._lock:
+            if self._connection is None or self._pid != os.getpid():
+                return
+            try:
+                while self._pending:
+                    self._read(self._connection)
+            except _BROKEN:
+                self._drop()
+                raise
+
+    def check(self) -> None:
+        """Flush; send refused writes again until Redis takes them (logged once), or raise after a while.
+
+        Raises:
+            RefusedWriteError: Redis still refused them after REFUSED_RETRY_SECONDS.
+        """
+        self.flush()
+        if not self._refused:
+            return
+        logger.error(
+            "Stopped taking messages: Redis refused %s; sending it again until Redis takes it (up to %g s)",
+            self._refused[0].refused,
+            REFUSED_RETRY_SECONDS,
+        )
+        deadline = time.monotonic() + REFUSED_RETRY_SECONDS
+        for attempt in range(10_000):
+            time.sleep(REFUSED_RETRY_DELAYS[min(attempt, len(REFUSED_RETRY_DELAYS) - 1)])
+            batches, self._refused = self._refused, []
+            for batch in batches:
+                self.send(batch.commands)
+            self.flush()
+            if not self._refused:
+                logger.warning("Redis took the refused write(s); taking messages again")
+                return
+            if time.monotonic() >= deadline:
+                break
+        raise RefusedWriteError(f"Redis still refuses {self._refused[0].refused}")
+
+    def close(self) -> None:
+        """Flush and give the connection back to the pool."""
+        try:
+            self.flush()
+        except _BROKEN:
+            return
+        with self._lock:
+            if self._connection is not None and self._pid == os.getpid():
+                self._pool.release(self._connection)
+            self._connection = None
+
+    def _acquire(self) -> Any:
+        if self._connection is None or self._pid != os.getpid():  # a forked child needs its own
+            self._connection, self._pid = self._pool.get_connection(), os.getpid()
+            self._pending.clear()
+        return self._connection
+
+    def _collect(self, connection: Any) -> None:
+        """Once COLLECT_AT are outstanding, read the replies already there; wait only past the limit."""
+        if len(self._pending) < COLLECT_AT:
+            return
+        while self._pending and (len(self._pending) > MAX_PENDING_REPLIES or connection.can_read(timeout=0)):
+            self._read(connection)
+
+    def _read(self, connection: Any) -> None:
+        command, batch = self._pending.popleft()
+        batch.unread -= 1
+        try:
+            connection.read_response()
+        except ResponseError as exc:
+            logger.debug("Redis refused an unawaited %s: %s", command, exc)
+            batch.refused = batch.refused or f"{command} ({exc})"
+        if batch.unread == 0 and batch.refused and batch.resend:
+            self._refused.append(batch)
+
+    def _drop(self) -> None:
+        if self._connection is not None:
+            self._connection.disconnect()
+        self._connection = None
+        self._pending.clear()

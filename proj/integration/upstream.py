@@ -1,0 +1,77 @@
+"""The upstream versions proj's layer was written and tested against, and the internals it touches.
+
+An upgrade of any of these packages past the minor version below can change what the layer relies
+on. tests/unit/test_upstream_pins.py fails then, naming the internals to re-check here; each is
+explained in docs/internals.md, whose upgrade checklist says how to re-check them.
+"""
+
+from __future__ import annotations
+
+# distribution -> the minor version pinned in pyproject.toml
+TESTED_WITH = {"celery": "5.7", "kombu": "5.7", "redis": "8.1", "flower": "2.2"}
+
+# distribution -> "module:Class.attribute" names the layer overrides, calls or reads, private or not
+# documented as an extension point. Each must still exist after an upgrade.
+TOUCHED = {
+    "kombu": [
+        "kombu.transport.redis:Channel._brpop_start",
+        "kombu.transport.redis:Channel._brpop_read",
+        "kombu.transport.redis:Channel._create_client",
+        "kombu.transport.redis:Channel._put",
+        "kombu.transport.redis:Channel._put_fanout",
+        "kombu.transport.redis:Channel._get_publish_topics",
+        "kombu.transport.redis:Channel._do_restore_message",
+        "kombu.transport.redis:Channel._q_for_pri",
+        "kombu.transport.redis:Channel._flush_brpop_reauth",
+        "kombu.transport.redis:Channel.from_transport_options",
+        "kombu.transport.redis:Channel.conn_or_acquire",
+        "kombu.transport.redis:Channel.basic_consume",
+        "kombu.transport.redis:Channel.close",
+        "kombu.transport.redis:QoS.append",
+        "kombu.transport.redis:QoS.ack",
+        "kombu.transport.redis:QoS.reject",
+        "kombu.transport.redis:QoS.restore_unacked",
+        "kombu.transport.redis:QoS.restore_visible",
+        "kombu.transport.redis:QoS.unacked_key",
+        "kombu.transport.redis:QoS.unacked_index_key",
+        "kombu.transport.virtual:Channel._get_message_priority",
+        "kombu.transport.virtual:Transport._deliver",
+        "kombu.messaging:Producer.publish",
+        "kombu.messaging:Producer.maybe_declare",
+        "kombu.connection:Connection.declared_entities",
+        "kombu.connection:Connection.info",
+    ],
+    "celery": [
+        "celery.backends.redis:ResultConsumer._wait_for_pending",
+        "celery.backends.redis:ResultConsumer.on_state_change",
+        "celery.backends.redis:ResultConsumer.on_wait_for_pending",
+        "celery.backends.redis:RedisBackend.get_key_for_task",
+        "celery.backends.redis:ResultConsumer._maybe_cancel_ready_task",
+        "celery.backends.redis:ResultConsumer.drain_events_until",
+        "celery.backends.asynchronous:_waiting_on",
+        "celery.backends.redis:RedisBackend._store_result",
+        "celery.backends.redis:RedisBackend._get_result_meta",
+        "celery.backends.redis:RedisBackend._MAX_STR_VALUE_SIZE",
+        "celery.backends.redis:RedisBackend.on_task_call",
+        "celery.app.amqp:AMQP.producer_pool",
+        "celery.app.amqp:AMQP.Producer",
+        "celery.app.amqp:AMQP.argsrepr_maxsize",
+        "celery.worker.consumer.consumer:Consumer._flush_events",
+        "celery.events.dispatcher:EventDispatcher.flush",
+        "celery.loaders.base:BaseLoader.override_backends",
+        "celery.app.task:Task.shadow_name",
+    ],
+    "redis": [
+        "redis.connection:AbstractConnection.send_packed_command",
+        "redis.connection:AbstractConnection.pack_commands",
+        "redis.connection:AbstractConnection.read_response",
+        "redis.connection:AbstractConnection.can_read",
+        "redis.client:Redis.parse_response",
+    ],
+    "flower": [
+        "flower.views.monitor:Metrics.get",
+        "flower.app:Flower.broker_uri",
+        "flower.app:Flower.broker_uri_with_password",
+        "flower.utils.broker:Redis",
+    ],
+}
