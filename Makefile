@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench browser clean
+.PHONY: run test upstream lint bench browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,16 @@ browser:
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	  else $(BIN)/python -m playwright install chromium; fi; }
 
+# The whole suite with proj's replacements on, then the tests of delivery, results, retries, canvas
+# and crashes again with Celery's and kombu's own components (PROJ_STOCK_CELERY=1, docs/internals.md).
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
+	PROJ_STOCK_CELERY=1 $(BIN)/python -m pytest -m stock_too
+	$(BIN)/python tests/upstream/run.py
+
+# kombu's and Celery's own integration tests, stock vs proj's layer (docs/upstream-tests.md).
+upstream: $(STAMP)
+	$(BIN)/python tests/upstream/run.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -32,6 +40,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench
 
 clean:

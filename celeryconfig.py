@@ -50,7 +50,7 @@ event_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 
-# One queue per workload so each gets the pool it needs (DESIGN.md, "Queues and workers").
+# One queue per workload so each gets the pool it needs (README.md, "Queues").
 _direct = Exchange("proj", type="direct")
 task_queues = (
     Queue("email", _direct, routing_key="email"),

@@ -15,7 +15,7 @@ from proj.stores.queues import SENT_AT_HEADER as SENT_AT
 from tests.conftest import smtp_env
 from tests.harness import EventMonitor
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.stock_too]
 
 CANARY = "tasks.health.canary"
 

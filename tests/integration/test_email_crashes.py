@@ -14,7 +14,7 @@ from proj.stores.ledger import Ledger
 from tests.conftest import smtp_env
 from tests.harness import RedisServer, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.stock_too]
 
 EMAIL_QUEUES = "email,email_bulk"
 # A killed worker's messages come back after the visibility timeout: short here, minutes in production.

@@ -13,7 +13,7 @@ from proj.stack.devsmtp import MailSink, start
 from tests.conftest import smtp_env
 from tests.harness import free_port, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.stock_too]
 
 EMAIL_QUEUES = "email,email_bulk"
 

@@ -16,7 +16,7 @@ from tests import filefactory as ff
 from tests.conftest import smtp_env
 from tests.harness import ROOT, stop_process, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.stock_too]
 
 
 def _uploads(root):

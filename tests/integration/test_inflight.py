@@ -14,7 +14,7 @@ from proj.integration.kombu_transport import UNREADABLE_KEY
 from proj.stores.inflight import LEASES_KEY, REGISTRY_KEY, InflightLists
 from tests.harness import ROOT, EventMonitor, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.layer]
 
 CANARY = "tasks.health.canary"
 # Short leases and sweeps so that the tests see them run out (renewed every second: slack for a

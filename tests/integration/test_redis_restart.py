@@ -9,7 +9,7 @@ import pytest
 
 from tests.harness import ROOT, RedisServer, WorkerProcess
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.stock_too]
 
 PRODUCE = (
     "from proj.celery import app\nprint(app.send_task('tasks.health.canary').get(timeout=60)['hostname'])\n"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -10,8 +12,9 @@ from celery import states
 from kombu.utils.uuid import uuid
 
 from proj.integration.result_backend import RECHECK_AFTER, RedisBackend
+from tests.harness import ROOT
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.stock_too]
 
 CANARY = "tasks.health.canary"
 
@@ -22,10 +25,12 @@ def _commands(redis_client) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): entry["calls"] for name, entry in stats.items()}
 
 
+@pytest.mark.layer
 def test_the_app_uses_proj_backend_for_redis_urls(celery_app):
     assert isinstance(celery_app.backend, RedisBackend)
 
 
+@pytest.mark.layer
 def test_a_round_trip_through_a_real_worker_reads_no_result_with_get(start_worker, celery_app, redis_client):
     start_worker("default")
     celery_app.send_task(CANARY).get(timeout=30)  # connections and subscriptions warm
@@ -127,3 +132,22 @@ def test_a_result_published_while_the_subscription_was_cut_arrives(start_worker,
     host, port = celery_app.backend.result_consumer._pubsub.connection._sock.getsockname()[:2]
     assert redis_client.client_kill_filter(addr=f"{host}:{port}") == 1
     assert result.get(timeout=30)["queue"] == "default"
+
+
+@pytest.mark.layer
+@pytest.mark.parametrize("backend_variable", ["set", "unset"])
+def test_a_process_whose_first_call_is_a_get_uses_proj_backend(backend_variable, celery_app, worker_env):
+    task_id = uuid()
+    celery_app.backend.store_result(task_id, "stored", states.SUCCESS)
+    env = dict(worker_env)
+    if backend_variable == "unset":
+        env.pop("CELERY_RESULT_BACKEND")  # REDIS_URL still names the same Redis
+    code = (
+        "from proj.celery import app\n"
+        f"value = app.AsyncResult({task_id!r}).get(timeout=10)\n"
+        "print(type(app.backend).__module__, value)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout.split() == ["proj.integration.result_backend", "stored"], proc.stderr

@@ -14,7 +14,7 @@ import pytest
 from proj.stores.deadletters import DeadLetterStore
 from tests.harness import ROOT, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.stock_too]
 
 CANARY = "tasks.health.canary"
 

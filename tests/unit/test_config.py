@@ -1,4 +1,4 @@
-"""The Celery configuration: routing, serialisation and the timeout ordering DESIGN.md relies on."""
+"""The Celery configuration: routing, serialisation and the timeout ordering delivery relies on."""
 
 from __future__ import annotations
 
@@ -77,12 +77,15 @@ def test_visibility_timeout_outlasts_hard_limit_plus_longest_broker_countdown():
     assert visibility <= 15 * 60
 
 
-def test_every_task_retry_delay_fits_in_the_broker_countdown():
-    for name, task in _app_tasks().items():
-        if getattr(task, "autoretry_for", ()) and getattr(task, "retry_backoff", False):
-            assert task.retry_backoff_max <= celeryconfig.broker_max_countdown or getattr(
-                task, "delays_outside_broker", False
-            ), f"{name} would hold countdowns longer than the visibility timeout allows"
+def test_retry_delays_past_the_broker_countdown_are_parked_by_every_producer_of_the_app():
+    from proj.celery import app
+    from proj.integration.parking import ParkingProducer
+
+    # Retries back off up to EMAIL_RETRY_BACKOFF_MAX (600 s), past what the broker holds (30 s):
+    # they must leave through a producer that parks them, whichever producer publishes them.
+    assert issubclass(app.amqp.Producer, ParkingProducer)
+    assert issubclass(app.amqp.producer_pool.Producer, ParkingProducer)
+    assert app.amqp.Producer.app_conf.broker_max_countdown == celeryconfig.broker_max_countdown
 
 
 def test_task_time_limits_fit_in_the_visibility_timeout():
@@ -110,3 +113,50 @@ def test_celeryconfig_imports_alone():
     code = "import celeryconfig, sys; assert 'proj' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+_COMPONENTS = (
+    "from proj.celery import app\n"
+    "conn = app.connection_for_write()\n"
+    "print(conn.get_transport_cls().__module__)\n"
+    "print(type(app.backend).__module__)\n"
+    "print(app.amqp.Producer.__mro__[1].__name__.removesuffix('Producer'))\n"
+    "print('BatchedTaskEvents' in {s.__name__ for s in app.steps['consumer']})\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("switch", "expected"),
+    [
+        (
+            "",
+            [
+                "proj.integration.kombu_transport",
+                "proj.integration.result_backend",
+                "CachedDeclaration",
+            ],
+        ),
+        ("1", ["kombu.transport.redis", "celery.backends.redis", "Parking"]),
+    ],
+)
+def test_proj_stock_celery_switches_every_replacement(switch, expected):
+    env = {"PATH": "", "REDIS_URL": "redis://127.0.0.1:1/0", "PROJ_STOCK_CELERY": switch}
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPONENTS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    # Parking of long delays stays in both modes: the producer is a ParkingProducer either way.
+    assert proc.stdout.split() == [*expected, "False" if switch else "True"]
+
+
+def test_a_mistyped_switch_is_refused_at_import():
+    env = {"PATH": "", "PROJ_STOCK_CELERY": "maybe"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import celeryconfig"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0 and "PROJ_STOCK_CELERY must be 1 or 0" in proc.stderr
