@@ -95,16 +95,20 @@ def test_task_time_limits_fit_in_the_visibility_timeout():
         assert hard + celeryconfig.broker_max_countdown < visibility, name
 
 
-def test_inconsistent_timeouts_are_refused_at_import():
-    env = {"BROKER_VISIBILITY_TIMEOUT": "100", "TASK_TIME_LIMIT": "300", "PATH": ""}
-    proc = subprocess.run(
-        [sys.executable, "-c", "import celeryconfig"],
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter with only `env` (and no PATH) as its environment."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
         cwd=ROOT,
-        env=env,
+        env={"PATH": "", **env},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_inconsistent_timeouts_are_refused_at_import():
+    proc = _python("import celeryconfig", {"BROKER_VISIBILITY_TIMEOUT": "100", "TASK_TIME_LIMIT": "300"})
     assert proc.returncode != 0
     assert "BROKER_VISIBILITY_TIMEOUT must exceed" in proc.stderr
 
@@ -140,23 +144,12 @@ _COMPONENTS = (
     ],
 )
 def test_proj_stock_celery_switches_every_replacement(switch, expected):
-    env = {"PATH": "", "REDIS_URL": "redis://127.0.0.1:1/0", "PROJ_STOCK_CELERY": switch}
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPONENTS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    proc = _python(_COMPONENTS, {"REDIS_URL": "redis://127.0.0.1:1/0", "PROJ_STOCK_CELERY": switch})
     assert proc.returncode == 0, proc.stderr
     # Parking of long delays stays in both modes: the producer is a ParkingProducer either way.
     assert proc.stdout.split() == [*expected, "False" if switch else "True"]
 
 
 def test_a_mistyped_switch_is_refused_at_import():
-    env = {"PATH": "", "PROJ_STOCK_CELERY": "maybe"}
-    proc = subprocess.run(
-        [sys.executable, "-c", "import celeryconfig"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _python("import celeryconfig", {"PROJ_STOCK_CELERY": "maybe"})
     assert proc.returncode != 0 and "PROJ_STOCK_CELERY must be 1 or 0" in proc.stderr
