@@ -34,6 +34,7 @@ import pytest
 LAYER = os.environ.get("PROJ_UPSTREAM_LAYER", "stock")
 OPTIONS = os.environ.get("PROJ_UPSTREAM_OPTIONS", "proj")
 EVIDENCE = os.environ.get("PROJ_UPSTREAM_EVIDENCE", "")
+SHARD = os.environ.get("PROJ_UPSTREAM_SHARD", "")  # "i/n": only every n-th test from the i-th (from 0)
 
 PROJ_TRANSPORT = "proj.integration.kombu_transport:Transport"
 PROJ_BACKEND = "proj.integration.result_backend:RedisBackend"
@@ -91,8 +92,12 @@ def pytest_configure(config: pytest.Config) -> None:
     _evidence["kombu_transport"] = {s: _qualname(resolve_transport(s)) for s in ("redis", "rediss")}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Each test's node id in the junit report, so that the runner can run a difference again."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep this shard's tests; each test's node id goes in the junit report (to run it again)."""
+    if SHARD:
+        index, count = (int(part) for part in SHARD.split("/"))
+        config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % count != index])
+        items[:] = [item for i, item in enumerate(items) if i % count == index]
     for item in items:
         item.user_properties.append(("nodeid", item.nodeid))
 
@@ -101,21 +106,25 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"proj layer plugin: layer={LAYER} options={OPTIONS} {json.dumps(_evidence, sort_keys=True)}"
 
 
+_session_apps: list[Any] = []
+
+
 @pytest.fixture(autouse=True)
 def _proj_layer_evidence(request: pytest.FixtureRequest) -> None:
-    """Record, once, the classes Celery's shared session app really uses (Celery's suite only)."""
-    if "celery" in _evidence or "celery_session_app" not in request.fixturenames:
-        return
-    app = request.getfixturevalue("celery_session_app")
-    _evidence["celery"] = {
-        "backend": _qualname(type(app.backend)),
-        "amqp": _qualname(type(app.amqp)),
-        "producer": _qualname(app.amqp.Producer),
-        "consumer_steps": sorted(_qualname(step) for step in app.steps["consumer"]),
-    }
+    """Keep Celery's shared session app (Celery's suite only) to record what it used at the end."""
+    if not _session_apps and "celery_session_app" in request.fixturenames:
+        _session_apps.append(request.getfixturevalue("celery_session_app"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for app in _session_apps:
+        _evidence["celery"] = {
+            "finalized": app.finalized,
+            "backend": _qualname(type(app.backend)),
+            "amqp": _qualname(type(app.amqp)),
+            "producer": _qualname(app.amqp.Producer),
+            "consumer_steps": sorted(_qualname(step) for step in app.steps["consumer"]),
+        }
     if EVIDENCE:
         with open(EVIDENCE, "w", encoding="utf-8") as file:
             json.dump(_evidence, file, indent=2, sort_keys=True)
