@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pkgutil
 import sys
 import time
@@ -102,6 +103,15 @@ def collect(topics: list[str], redis_url: str, args: argparse.Namespace) -> list
     return sections
 
 
+def _renderer(topic: str) -> Any:
+    """The topic's own table layout (`render_summary`), else the generic table."""
+    try:
+        module = importlib.import_module(f"bench.{topic}")
+    except ModuleNotFoundError:
+        return common.markdown_table
+    return getattr(module, "render_summary", common.markdown_table)
+
+
 def render(sections: list[dict[str, Any]], context: dict[str, Any]) -> str:
     """The whole markdown report."""
     parts = [
@@ -115,10 +125,13 @@ def render(sections: list[dict[str, Any]], context: dict[str, Any]) -> str:
         "## How to run",
         "",
         "```sh",
-        "make bench                        # every topic, 3 runs each; rewrites docs/benchmarks.md",
+        "make bench                        # installs .[dev,bench] (huey), every topic, 3 runs each;",
+        "                                  # rewrites docs/benchmarks.md (about 20 minutes)",
         ".venv/bin/python -m bench --quick # small sizes, one run: a smoke test (bench/out/)",
+        ".venv/bin/python -m bench throughput --quick   # one topic, small sizes, one run (bench/out/)",
         ".venv/bin/python -m bench throughput   # one topic, 3 runs (bench/out/)",
         ".venv/bin/python -m bench.throughput   # one topic, one run, table on stdout",
+        ".venv/bin/python -m bench --render bench/out/results.json   # re-render, measure nothing",
         "```",
         "",
         "Each run starts from an empty private `redis-server` (the system binary, else the one in the "
@@ -137,7 +150,7 @@ def render(sections: list[dict[str, Any]], context: dict[str, Any]) -> str:
     for section in sections:
         parts += ["", f"## {section['topic']}", ""]
         if section["summary"]:
-            parts.append(common.markdown_table(section["summary"]))
+            parts.append(_renderer(section["topic"])(section["summary"]))
         if section["error"]:
             parts += ["", section["error"]]
         if section["notes"]:
@@ -168,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         sections = collect(topics, server.url, args)
     finally:
         server.stop()
+    context["machine"]["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     context.update(
         command=" ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
         date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -1,6 +1,12 @@
 """Benchmark tasks registered on proj's own app (workers load them with `-I bench._projtasks`).
 
-Named `tasks.bench.*`, so proj's routes send them to the `default` queue like any short task.
+Named `tasks.bench.*`, so proj's routes send them to the `default` queue like any short task. Every
+one has the same empty body as `bench._stock.noop` and `bench._huey.noop`; they differ only in what
+is stored about them:
+
+- `noop_result`: proj's defaults as shipped: result stored, STARTED tracked (`task_track_started`);
+- `echo`: result stored, no STARTED (`track_started=False`): Celery's default;
+- `noop`: result ignored (`ignore_result=True`, hence no STARTED either).
 """
 
 from __future__ import annotations
@@ -10,19 +16,14 @@ from proj.celery import app
 
 @app.task(name="tasks.bench.noop", ignore_result=True)
 def noop() -> None:
-    """A fire-and-forget short task: proj turns its result off, as for every such task."""
+    """Result ignored: a fire-and-forget task."""
 
 
 @app.task(name="tasks.bench.echo", track_started=False)
 def echo() -> None:
-    """A short task whose caller waits for the result: no STARTED state, its caller only wants the end."""
+    """Result stored, no STARTED state: Celery's default for results."""
 
 
 @app.task(name="tasks.bench.noop_result")
 def noop_result() -> None:
-    """`noop` with proj's defaults for results: stored, STARTED tracked (for the ablation rows)."""
-
-
-@app.task(name="tasks.bench.echo_started")
-def echo_started() -> None:
-    """`echo` with the STARTED state tracked (proj's default; for the ablation rows)."""
+    """Result stored and STARTED tracked: proj's configuration as shipped."""

@@ -240,7 +240,7 @@ def versions(redis_url: str) -> dict[str, str]:
     import redis
 
     found = {"Python": platform.python_version()}
-    for package in ("celery", "kombu", "redis", "hiredis", "psutil", "py-spy"):
+    for package in ("celery", "kombu", "redis", "hiredis", "huey", "psutil", "py-spy"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
@@ -254,7 +254,9 @@ def versions(redis_url: str) -> dict[str, str]:
 # --- Standalone topic runs -----------------------------------------------------------------------
 
 
-def standalone(topic: str, run: Callable[..., list[Row]]) -> None:
+def standalone(
+    topic: str, run: Callable[..., list[Row]], render: Callable[[Sequence[Row]], str] | None = None
+) -> None:
     """`python -m bench.<topic> [--quick]`: private Redis, one run, a table on stdout."""
     parser = argparse.ArgumentParser(prog=f"python -m bench.{topic}")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
@@ -264,7 +266,7 @@ def standalone(topic: str, run: Callable[..., list[Row]]) -> None:
     try:
         started = time.monotonic()
         rows = run(server.url, quick=args.quick)
-        sys.stdout.write(markdown_table(summarize([rows])) + "\n")
+        sys.stdout.write((render or markdown_table)(summarize([rows])) + "\n")
         sys.stdout.write(f"\n{topic}: {time.monotonic() - started:.1f} s\n")
     finally:
         server.stop()
