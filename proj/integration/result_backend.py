@@ -89,6 +89,18 @@ class ResultConsumer(_celery.ResultConsumer):  # type: ignore[misc]
         if len(self._subscribed_first) > MAX_REMEMBERED:
             self._subscribed_first.popitem(last=False)
 
+    def _consume_from(self, task_id: str) -> None:
+        """Celery's subscription; one made again after publish means the result may be there already.
+
+        Celery cancels a subscription when a finished result arrives; a `.get()` that registers
+        after that (another thread drained the message) subscribes again and must read the stored
+        result, as Celery does, instead of waiting for a message that was already published.
+        """
+        key = self._get_key_for_task(task_id)
+        if key not in self.subscribed_to or key in self._pending_unsubscribe:
+            self._subscribed_first.pop(task_id, None)
+        super()._consume_from(task_id)
+
     def _wait_for_pending(
         self,
         result: Any,

@@ -43,6 +43,7 @@ TOUCHED = {
     ],
     "celery": [
         "celery.backends.redis:ResultConsumer._wait_for_pending",
+        "celery.backends.redis:ResultConsumer._consume_from",
         "celery.backends.redis:ResultConsumer.on_state_change",
         "celery.backends.redis:ResultConsumer.on_wait_for_pending",
         "celery.backends.redis:RedisBackend.get_key_for_task",

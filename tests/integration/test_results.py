@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -104,6 +105,22 @@ def test_finished_results_are_unsubscribed_at_once(start_worker, celery_app, red
         result.get(timeout=30)
         # As Celery does: once a result has arrived its channel is no longer subscribed.
         assert redis_client.pubsub_numsub(f"celery-task-meta-{result.id}")[0][1] == 0
+
+
+def test_results_waited_for_from_many_threads_leave_no_subscription(start_worker, celery_app, redis_client):
+    start_worker("default", pool="solo", concurrency=1)
+    for _ in range(5):
+        results = [celery_app.send_task(CANARY) for _ in range(20)]
+        threads = [threading.Thread(target=result.get, kwargs={"timeout": 30}) for result in results]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert all(result.state == "SUCCESS" for result in results)
+        # A thread that drained another's result cancelled its subscription; the other's .get()
+        # subscribed again, and must read the stored result and cancel that subscription too.
+        subscribed = [r.id for r in results if redis_client.pubsub_numsub(f"celery-task-meta-{r.id}")[0][1]]
+        assert subscribed == []
 
 
 def _compressing_backend(celery_app) -> RedisBackend:
