@@ -217,9 +217,7 @@ def setups() -> list[Config]:
         _again(proj(STORED_STARTED)),
         proj(STORED_STARTED, stock_celery=True),
         proj(STORED),
-        proj(STORED, stock_celery=True),
         stock(STORED),
-        stock_procfile_layout(STORED),
         huey(STORED),
         proj(IGNORED),
         proj(IGNORED, stock_celery=True),
@@ -444,56 +442,46 @@ class Comparison:
 
 def comparisons() -> list[Comparison]:
     """Every comparison the report quotes, each between setups of the same results setting."""
-    found = []
-    for results in (STORED_STARTED, STORED, IGNORED):
-        found.append(
-            Comparison(
-                f"(b) / (c), {results}",
-                proj(results).key,
-                proj(results, stock_celery=True).key,
-                "only proj's four replacements (same layout, settings, tasks): the layer's worth",
-            )
-        )
-    for results in (STORED, IGNORED):
-        found += [
-            Comparison(
-                f"(b) / (a), {results}",
-                proj(results).key,
-                stock(results).key,
-                "all of proj: its settings (acks late, events, ...), its layout, its layer",
-            ),
-            Comparison(
-                f"(a') / (a), {results}",
-                stock_procfile_layout(results).key,
-                stock(results).key,
-                "only the worker layout (same app, same settings)",
-            ),
-            Comparison(
-                f"(b) / (a'), {results}",
-                proj(results).key,
-                stock_procfile_layout(results).key,
-                "proj's settings and layer (same layout)",
-            ),
-            Comparison(
-                f"(c) / (a'), {results}",
-                proj(results, stock_celery=True).key,
-                stock_procfile_layout(results).key,
-                "proj's settings without its layer (same layout): what they cost",
-            ),
-            Comparison(
-                f"(e) / (b), {results}",
-                huey(results).key,
-                proj(results).key,
-                "the framework (huey: no acks, no events), same processes per core",
-            ),
-            Comparison(
-                f"(e) / (a), {results}",
-                huey(results).key,
-                stock(results).key,
-                "the framework and the layout",
-            ),
-        ]
-    return found
+    layer = "only proj's four replacements (same layout, settings, tasks): the layer's worth"
+    everything = "all of proj: its settings (acks late, events, ...), its layout, its layer"
+    peer = "the framework (huey: no acks, no events), same processes per core"
+    return [
+        Comparison(f"(b) / (c), {STORED_STARTED}", proj(STORED_STARTED).key, _c(STORED_STARTED), layer),
+        Comparison(f"(b) / (a), {STORED}", proj(STORED).key, stock(STORED).key, everything),
+        Comparison(f"(e) / (b), {STORED}", huey(STORED).key, proj(STORED).key, peer),
+        Comparison(
+            f"(e) / (a), {STORED}", huey(STORED).key, stock(STORED).key, "the framework and the layout"
+        ),
+        Comparison(f"(b) / (c), {IGNORED}", proj(IGNORED).key, _c(IGNORED), layer),
+        Comparison(f"(b) / (a), {IGNORED}", proj(IGNORED).key, stock(IGNORED).key, everything),
+        Comparison(
+            f"(a') / (a), {IGNORED}",
+            stock_procfile_layout(IGNORED).key,
+            stock(IGNORED).key,
+            "only the worker layout (same app, same settings)",
+        ),
+        Comparison(
+            f"(b) / (a'), {IGNORED}",
+            proj(IGNORED).key,
+            stock_procfile_layout(IGNORED).key,
+            "proj's settings and layer (same layout)",
+        ),
+        Comparison(
+            f"(c) / (a'), {IGNORED}",
+            _c(IGNORED),
+            stock_procfile_layout(IGNORED).key,
+            "proj's settings without its layer (same layout): what they cost",
+        ),
+        Comparison(f"(e) / (b), {IGNORED}", huey(IGNORED).key, proj(IGNORED).key, peer),
+        Comparison(
+            f"(e) / (a), {IGNORED}", huey(IGNORED).key, stock(IGNORED).key, "the framework and the layout"
+        ),
+    ]
+
+
+def _c(results: str) -> str:
+    """The key of (c), proj with PROJ_STOCK_CELERY=1."""
+    return proj(results, stock_celery=True).key
 
 
 def _ratio_rows(figures: dict[str, dict[str, float]]) -> list[common.Row]:
@@ -556,7 +544,7 @@ def _gain_rows(figures: dict[str, dict[str, float]]) -> list[common.Row]:
 
 def run(redis_url: str, quick: bool = False) -> list[common.Row]:
     """Every setup once, then the ratios and gains between them (all inside this run)."""
-    n, rt_n = (2_000, 200) if quick else (5_000, 1_000)
+    n, rt_n = (1_000, 100) if quick else (2_000, 500)
     os.environ["REDIS_URL"] = redis_url
     rows = [common.row("floor", "pairs", broker_floor(redis_url, n)["pairs"], "1/s")]
     common.flush(redis_url)
@@ -750,8 +738,9 @@ NOTES = """\
   `celery.backends.redis:RedisBackend+redis://...`. Bench-only: the user-facing switch is
   `PROJ_STOCK_CELERY`, which turns all four off (last row). (b) with results stored + STARTED is
   measured twice per run, before and after the four, and its figures are the mean of the two.
-- Sizes: 5,000 tasks per `.delay()` loop and drain, 1,000 round trips after 20 warm-up ones (quick
-  mode: 2,000 and 200). Every setup starts from an emptied Redis with fresh workers, which are
+- Sizes: 2,000 tasks per `.delay()` loop and drain, 500 round trips after 20 warm-up ones (quick
+  mode: 1,000 and 100), so that 3 runs of the 15 setups take about 9 minutes of the ~20 of
+  `make bench`. Every setup starts from an emptied Redis with fresh workers, which are
   killed (SIGKILL, by PID) once measured. The log of a run prints the Redis commands per task of
   each drain (`INFO commandstats`): it shows each replacement really off (e.g. BRPOP + ZADD/HSET
   instead of BLMOVE; MULTI/SETEX instead of EVALSHA; one PUBLISH per event instead of batches).
