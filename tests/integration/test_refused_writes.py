@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from proj.stores.inflight import InflightLists
 from tests.harness import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.layer]
@@ -14,6 +15,8 @@ CANARY = "tasks.health.canary"
 def test_a_refused_ack_stops_the_worker_before_its_next_message(start_worker, celery_app, redis_client):
     worker = start_worker("default", pool="solo", concurrency=1)
     assert celery_app.send_task(CANARY).get(timeout=30)["queue"] == "default"
+    # The result is stored before the ack: let that ack land before Redis starts refusing acks.
+    wait_for(lambda: InflightLists(redis_client).count() == 0, timeout=10, what="the warm-up ack")
 
     redis_client.execute_command("ACL", "SETUSER", "default", "-lrem")  # the ack of a BLMOVE'd message
     try:
