@@ -504,19 +504,29 @@ def _ratio_rows(figures: dict[str, dict[str, float]]) -> list[common.Row]:
     return rows
 
 
-def _ablations() -> list[tuple[str, str, str]]:
-    """(gain scenario, setup key, words) of each replacement turned off alone, then of all four."""
+FIRST = " (first)"
+
+
+def _ablations() -> list[tuple[str, str, str, str]]:
+    """(gain scenario, all-on key, turned-off key, words): each replacement off alone, all four, none.
+
+    The last row compares the two measurements of the same all-on setup in a run (the first against
+    the second): what the gains of identical setups look like, the noise floor of the others.
+    """
+    on = proj(STORED_STARTED).key
     found = [
-        (f"gain {name}", proj(STORED_STARTED, without=(name,)).key, words)
+        (f"gain {name}", on, proj(STORED_STARTED, without=(name,)).key, words)
         for name, words in REPLACEMENTS.items()
     ]
-    found.append(
+    found += [
         (
             "gain all four",
+            on,
             proj(STORED_STARTED, stock_celery=True).key,
             "all four (`PROJ_STOCK_CELERY=1`, (c))",
-        )
-    )
+        ),
+        ("gain nothing", on + FIRST, on + AGAIN, "none: all on, first measurement / second (noise floor)"),
+    ]
     return found
 
 
@@ -526,10 +536,9 @@ def _gain_rows(figures: dict[str, dict[str, float]]) -> list[common.Row]:
     Drain and `.delay()`: rate with / rate without - 1. Round trip and CPU: without / with - 1, the
     same sense (how much longer a round trip, how much more CPU, without it).
     """
-    on = figures.get(proj(STORED_STARTED).key)
     rows: list[common.Row] = []
-    for scenario, key, _ in _ablations():
-        off = figures.get(key)
+    for scenario, on_key, off_key, _ in _ablations():
+        on, off = figures.get(on_key), figures.get(off_key)
         if on is None or off is None:
             continue
         rows += [
@@ -558,11 +567,11 @@ def run(redis_url: str, quick: bool = False) -> list[common.Row]:
         started = time.monotonic()
         measured = measure(config, redis_url, n, rt_n)
         print(f"    {config.key}: {measured} ({time.monotonic() - started:.1f} s)", flush=True)
-        first = figures.get(config.key.removesuffix(AGAIN))
-        if config.key.endswith(AGAIN) and first is not None:
-            figures[config.key.removesuffix(AGAIN)] = {k: (v + measured[k]) / 2 for k, v in first.items()}
-        else:
-            figures[config.key] = measured
+        figures[config.key] = measured
+        base = config.key.removesuffix(AGAIN)
+        if config.key.endswith(AGAIN) and base in figures:
+            first = figures[base + FIRST] = figures[base]
+            figures[base] = {k: (v + measured[k]) / 2 for k, v in first.items()}
     units = {"delay": "1/s", "drain": "1/s", "cpu_us": "µs", "rss": "MiB", "p50": "µs", "p99": "µs"}
     for key, measured in figures.items():
         rows += [common.row(key, metric, value, units[metric]) for metric, value in measured.items()]
@@ -645,13 +654,12 @@ def _ratio_table(summary: Summary) -> list[str]:
 
 def _gain_table(summary: Summary) -> list[str]:
     """One row per replacement turned off."""
-    on = proj(STORED_STARTED).key
     lines = [
         "| turned off | drain tasks/s all on / without | drain gain | round trip p50 µs all on / without "
-        "| round trip p50 gain | p99 gain | `.delay()` gain | worker CPU saved |",
+        "| round trip p50 gain | p99 gain | `.delay()` gain | worker CPU gain |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for gain, key, words in _ablations():
+    for gain, on, key, words in _ablations():
         if (gain, "drain") in summary:
             drain = f"{_median(summary, on, 'drain')} / {_median(summary, key, 'drain')}"
             p50 = f"{_median(summary, on, 'p50')} / {_median(summary, key, 'p50')}"
@@ -693,7 +701,8 @@ def render_summary(items: Sequence[common.Row]) -> str:
             "bench-only `bench/_without.py`); all on is measured before and after the four, and "
             "averaged. Gain: drain and `.delay()` rate all on / without - 1; round trip and worker CPU "
             "without / all on - 1 (how much longer, how much more CPU without it). Median (min to max) of "
-            "the gains of the runs; the rates and round trips shown are medians.",
+            "the gains of the runs; the rates and round trips shown are medians. The last row compares the "
+            "two measurements of all on with each other: gains of that size are noise.",
             "",
             *_gain_table(summary),
             "",
