@@ -126,7 +126,7 @@ def render(sections: list[dict[str, Any]], context: dict[str, Any]) -> str:
         "",
         "```sh",
         "make bench                        # installs .[dev,bench] (huey), every topic, 3 runs each;",
-        "                                  # rewrites docs/benchmarks.md (about 20 minutes)",
+        "                                  # rewrites docs/benchmarks.md (20-30 minutes on 2 cores)",
         ".venv/bin/python -m bench --quick # small sizes, one run: a smoke test (bench/out/)",
         ".venv/bin/python -m bench throughput --quick   # one topic, small sizes, one run (bench/out/)",
         ".venv/bin/python -m bench throughput   # one topic, 3 runs (bench/out/)",

@@ -748,11 +748,11 @@ NOTES = """\
   `PROJ_STOCK_CELERY`, which turns all four off (last row). (b) with results stored + STARTED is
   measured twice per run, before and after the four, and its figures are the mean of the two.
 - Sizes: 2,000 tasks per `.delay()` loop and drain, 500 round trips after 20 warm-up ones (quick
-  mode: 1,000 and 100), so that 3 runs of the 15 setups take about 9 minutes of the ~20 of
-  `make bench`. Every setup starts from an emptied Redis with fresh workers, which are
-  killed (SIGKILL, by PID) once measured. The log of a run prints the Redis commands per task of
-  each drain (`INFO commandstats`): it shows each replacement really off (e.g. BRPOP + ZADD/HSET
-  instead of BLMOVE; MULTI/SETEX instead of EVALSHA; one PUBLISH per event instead of batches).
+  mode: 1,000 and 100): 3 runs of the 15 setups take 8-9 minutes on a 2-core VM. Every setup
+  starts from an emptied Redis with fresh workers, which are killed (SIGKILL, by PID) once
+  measured. The log of a run prints the Redis commands per task of each drain (`INFO
+  commandstats`): it shows each replacement really off (e.g. BRPOP + ZADD/HSET instead of BLMOVE;
+  MULTI/SETEX instead of EVALSHA; one PUBLISH per event instead of batches).
 """
 
 
