@@ -1,15 +1,14 @@
-"""Bench only: turn off some of proj's four replacements of Celery/kombu, the others staying on.
+"""Bench only: turn off some of proj's three replacements of Celery/kombu, the others staying on.
 
 `PROJ_BENCH_WITHOUT` names them, comma-separated: `transport` (proj.integration.kombu_transport:
 kombu's own Redis transport instead), `backend` (proj.integration.result_backend: Celery's own Redis
-result backend), `producer` (proj.integration.producer.FastAMQP's declaration cache: kombu's
-`maybe_declare` on every publish), `events` (proj.integration.task_events: Celery's per-turn flush).
+result backend), `events` (proj.integration.task_events: Celery's per-turn flush).
 Workers load this module with `-I bench._without`, and bench._producer imports it before the app is
 used, so caller and workers run the same code. Only the benchmark sets this variable: proj's one
-user-facing switch is PROJ_STOCK_CELERY, which turns all four off.
+user-facing switch is PROJ_STOCK_CELERY, which turns all three off.
 
 `backend` is selected through the result backend URL (`env()` below), which celeryconfig reads
-before any backend exists; the other three are changed here, before the worker connects or
+before any backend exists; the other two are changed here, before the worker connects or
 builds its consumer, and before a caller's first publish.
 """
 
@@ -18,10 +17,9 @@ from __future__ import annotations
 import os
 
 from proj.celery import app
-from proj.integration import producer
 from proj.integration.task_events import BatchedTaskEvents
 
-REPLACEMENTS = ("transport", "backend", "producer", "events")
+REPLACEMENTS = ("transport", "backend", "events")
 WITHOUT = frozenset(filter(None, os.environ.get("PROJ_BENCH_WITHOUT", "").split(",")))
 CELERY_BACKEND = "celery.backends.redis:RedisBackend+"
 
@@ -44,8 +42,5 @@ if "backend" in WITHOUT and not app.conf.result_backend.startswith(CELERY_BACKEN
     raise RuntimeError("PROJ_BENCH_WITHOUT=backend needs CELERY_RESULT_BACKEND from bench._without.env()")
 if "transport" in WITHOUT:
     app.conf.broker_transport = None
-if "producer" in WITHOUT and "maybe_declare" in vars(producer.CachedDeclarationProducer):
-    # FastAMQP then makes producers that behave as AMQP's (PROJ_STOCK_CELERY=1): kombu's maybe_declare.
-    del producer.CachedDeclarationProducer.maybe_declare
 if "events" in WITHOUT:
     app.steps["consumer"].discard(BatchedTaskEvents)

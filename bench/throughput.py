@@ -51,7 +51,6 @@ IGNORED = "results ignored"
 REPLACEMENTS = {
     "transport": "Redis transport (`kombu_transport.py` + `unawaited.py`)",
     "backend": "result backend (`result_backend.py`)",
-    "producer": "producer declaration cache (`producer.py`)",
     "events": "batched task events (`task_events.py`)",
 }
 
@@ -442,7 +441,7 @@ class Comparison:
 
 def comparisons() -> list[Comparison]:
     """Every comparison the report quotes, each between setups of the same results setting."""
-    layer = "only proj's four replacements (same layout, settings, tasks): the layer's worth"
+    layer = "only proj's three replacements (same layout, settings, tasks): the layer's worth"
     everything = "all of proj: its settings (acks late, events, ...), its layout, its layer"
     peer = "the framework (huey: no acks, no events), same processes per core"
     return [
@@ -508,7 +507,7 @@ FIRST = " (first)"
 
 
 def _ablations() -> list[tuple[str, str, str, str]]:
-    """(gain scenario, all-on key, turned-off key, words): each replacement off alone, all four, none.
+    """(gain scenario, all-on key, turned-off key, words): each replacement off alone, all three, none.
 
     The last row compares the two measurements of the same all-on setup in a run (the first against
     the second): what the gains of identical setups look like, the noise floor of the others.
@@ -520,10 +519,10 @@ def _ablations() -> list[tuple[str, str, str, str]]:
     ]
     found += [
         (
-            "gain all four",
+            "gain all three",
             on,
             proj(STORED_STARTED, stock_celery=True).key,
-            "all four (`PROJ_STOCK_CELERY=1`, (c))",
+            "all three (`PROJ_STOCK_CELERY=1`, (c))",
         ),
         ("gain nothing", on + FIRST, on + AGAIN, "none: all on, first measurement / second (noise floor)"),
     ]
@@ -697,8 +696,8 @@ def render_summary(items: Sequence[common.Row]) -> str:
             "### What each replacement is worth",
             "",
             f"On the shipped settings ({STORED_STARTED}, the Procfile layout): proj as shipped "
-            "(b) with one of its four replacements turned off, against all on, in the same run (the "
-            "bench-only `bench/_without.py`); all on is measured before and after the four, and "
+            "(b) with one of its three replacements turned off, against all on, in the same run (the "
+            "bench-only `bench/_without.py`); all on is measured before and after the three, and "
             "averaged. Gain: drain and `.delay()` rate all on / without - 1; round trip and worker CPU "
             "without / all on - 1 (how much longer, how much more CPU without it). Median (min to max) of "
             "the gains of the runs; the rates and round trips shown are medians. The last row compares the "
@@ -728,10 +727,10 @@ NOTES = """\
   --without-gossip`, `-l WARNING`. It separates what the layout gives from what proj gives.
 - (b) proj as shipped: the Procfile's `default-N` lines as they are (`-P solo`, one per core,
   `-l WARNING`), `celeryconfig.py` as shipped (acks late, task events and `task-sent` events on,
-  JSON, proj's transport with BLMOVE into inflight lists, result backend, producer, batched
+  JSON, proj's transport with BLMOVE into inflight lists, result backend, batched
   events), plus `-I bench._projtasks`.
 - (c) the same workers, settings and tasks with `PROJ_STOCK_CELERY=1`: kombu's Redis transport,
-  Celery's Redis result backend, producer and event dispatch; every proj feature stays. (b) / (c)
+  Celery's Redis result backend and event dispatch; every proj feature stays. (b) / (c)
   is the worth of the layer alone.
 - (e) huey 3 (`bench/_huey.py`): `RedisHuey` on the same Redis, its consumer with
   `-w <processes> -k process -q` (as many worker processes as the Procfile has short-task workers,
@@ -745,8 +744,8 @@ NOTES = """\
 - Per-replacement rows: `PROJ_BENCH_WITHOUT=<name>` in the environment of workers (`-I
   bench._without`) and caller alike; `backend` also points `CELERY_RESULT_BACKEND` at
   `celery.backends.redis:RedisBackend+redis://...`. Bench-only: the user-facing switch is
-  `PROJ_STOCK_CELERY`, which turns all four off (last row). (b) with results stored + STARTED is
-  measured twice per run, before and after the four, and its figures are the mean of the two.
+  `PROJ_STOCK_CELERY`, which turns all three off (last row). (b) with results stored + STARTED is
+  measured twice per run, before and after the three, and its figures are the mean of the two.
 - Sizes: 2,000 tasks per `.delay()` loop and drain, 500 round trips after 20 warm-up ones (quick
   mode: 1,000 and 100): 3 runs of the 15 setups take 8-9 minutes on a 2-core VM. Every setup
   starts from an emptied Redis with fresh workers, which are killed (SIGKILL, by PID) once

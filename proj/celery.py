@@ -10,11 +10,9 @@ from proj.integration.parking import DelayedRelease
 from proj.integration.task_events import BatchedTaskEvents
 
 STOCK = celeryconfig.proj_stock_celery
-# amqp: its producers park long delays; proj's also skip re-declaring queues on every .delay().
+# amqp: its producers park long delays (in both modes: a proj feature, not a replacement).
 app = Celery(
-    "proj",
-    include=["tasks.health", "tasks.email", "tasks.files"],
-    amqp="proj.integration.producer:AMQP" if STOCK else "proj.integration.producer:FastAMQP",
+    "proj", include=["tasks.health", "tasks.email", "tasks.files"], amqp="proj.integration.producer:AMQP"
 )
 # A module name rather than an object, so prefork children import it instead of unpickling it.
 app.config_from_object("celeryconfig")

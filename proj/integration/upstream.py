@@ -37,8 +37,6 @@ TOUCHED = {
         "kombu.transport.virtual:Channel._get_message_priority",
         "kombu.transport.virtual:Transport._deliver",
         "kombu.messaging:Producer.publish",
-        "kombu.messaging:Producer.maybe_declare",
-        "kombu.connection:Connection.declared_entities",
         "kombu.connection:Connection.info",
     ],
     "celery": [

@@ -7,7 +7,7 @@ PROJ_UPSTREAM_LAYER=proj switches in, for every kombu connection and Celery app 
 - kombu's `redis://`/`rediss://` transport alias -> proj.integration.kombu_transport:Transport
 - Celery's `redis`/`rediss` result backend alias -> proj.integration.result_backend:RedisBackend
   (what `override_backends` in celeryconfig does for proj's app)
-- Celery's default `amqp` class -> proj.integration.producer:FastAMQP (as proj/celery.py passes it)
+- Celery's default `amqp` class -> proj.integration.producer:AMQP (as proj/celery.py passes it)
 - the worker consumer step proj.integration.task_events:BatchedTaskEvents, added to every app when
   it is finalized (as proj/celery.py adds it to proj's app)
 
@@ -38,7 +38,7 @@ SHARD = os.environ.get("PROJ_UPSTREAM_SHARD", "")  # "i/n": only every n-th test
 
 PROJ_TRANSPORT = "proj.integration.kombu_transport:Transport"
 PROJ_BACKEND = "proj.integration.result_backend:RedisBackend"
-PROJ_AMQP = "proj.integration.producer:FastAMQP"
+PROJ_AMQP = "proj.integration.producer:AMQP"
 PROJ_EVENTS_STEP = "proj.integration.task_events:BatchedTaskEvents"
 
 _evidence: dict[str, Any] = {"layer": LAYER, "options": OPTIONS}
