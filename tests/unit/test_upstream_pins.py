@@ -33,10 +33,10 @@ def _missing(names: list[str]) -> list[str]:
 def test_installed_minor_version_is_the_one_the_layer_was_tested_with(distribution):
     installed, tested = _minor(distribution), TESTED_WITH[distribution]
     assert installed == tested, (
-        f"{distribution} {version(distribution)} is installed; proj's layer (proj/integration) was tested "
-        f"with {tested}.x. Re-check these internals it touches (docs/internals.md, 'Upgrading'), run "
-        f"`make test` and `make upstream`, then update TESTED_WITH and the pin in pyproject.toml:\n  "
-        + "\n  ".join(TOUCHED[distribution])
+        f"{distribution} {version(distribution)} is installed; proj's layer (proj/integration) was "
+        f"tested with {tested}.x. Re-check these internals it touches (docs/internals.md, 'Pins and "
+        f"upgrading'), run `make test` and `make upstream`, then update TESTED_WITH and the pin in "
+        f"pyproject.toml:\n  " + "\n  ".join(TOUCHED[distribution])
     )
 
 
