@@ -92,8 +92,10 @@ def test_500_messages_through_two_workers_one_sigkilled_arrive_exactly_once(star
     wait_for(lambda: len(handler.received) >= 150, timeout=SLOW_MACHINE, what="a third of the messages")
     # Kill mid-run while every sending thread waits for an RCPT reply, i.e. inside SMTP transactions.
     handler.hold_rcpt.set()
+    # Six of the eight threads: at least two of each worker (a thread may be waiting out a copy's
+    # ledger window instead of sending, and then never reaches RCPT while the others are held).
     wait_for(
-        lambda: handler.held >= 8, timeout=SLOW_MACHINE, what="both workers' threads inside a transaction"
+        lambda: handler.held >= 6, timeout=SLOW_MACHINE, what="both workers' threads inside a transaction"
     )
     doomed.kill()
     handler.hold_rcpt.clear()
