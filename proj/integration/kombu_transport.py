@@ -139,8 +139,6 @@ class Channel(_RedisChannel):  # type: ignore[misc]
     from_transport_options = (*_RedisChannel.from_transport_options, "inflight_lease")
     #: Seconds an inflight list outlives the last renewal by its process (proj/stores/inflight.py).
     inflight_lease = 60.0
-    #: Take from a single queue list with BLMOVE (False: kombu's BRPOP + unacked record always).
-    take_into_inflight = True
     _sync_client: Any = None
     _writer: UnawaitedWriter | None = None
     _registry: InflightLists | None = None
@@ -181,7 +179,7 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         queues = list(self.active_queues)
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         single = len(keys) == 1 and queues[0] not in self._no_ack_queues
-        if not (single and self.take_into_inflight) or self.unawaited_writer() is None:
+        if not single or self.unawaited_writer() is None:
             self._taking = None
             super()._brpop_start(timeout)
             return
