@@ -41,6 +41,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault scenarios' one-line figures, together at the end of the output."""
+    from tests.faults.scenario import LINES
+
+    if LINES:
+        terminalreporter.section("fault scenarios")
+        for line in LINES:
+            terminalreporter.write_line(line)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _REDIS is not None:
         _REDIS.stop()

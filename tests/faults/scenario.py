@@ -1,0 +1,37 @@
+"""One line per fault scenario, `scenario: sent=N done=N lost=N duplicated=N resumed_in=S`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Lines of this session, printed again at the end of the run (tests/conftest.py) so CI shows them.
+LINES: list[str] = []
+
+
+@dataclass
+class Outcome:
+    """What a scenario sent, what completed, and what went missing or happened twice."""
+
+    name: str
+    sent: int
+    done: int
+    lost: int
+    duplicated: int
+    resumed_in: float | None = None
+    note: str = ""
+
+    def line(self) -> str:
+        resumed = "-" if self.resumed_in is None else f"{self.resumed_in:.1f}"
+        text = (
+            f"{self.name}: sent={self.sent} done={self.done} lost={self.lost} "
+            f"duplicated={self.duplicated} resumed_in={resumed}"
+        )
+        return f"{text} ({self.note})" if self.note else text
+
+
+def report(outcome: Outcome) -> Outcome:
+    """Print the scenario's line now and keep it for the end-of-run summary."""
+    line = outcome.line()
+    print(line)
+    LINES.append(line)
+    return outcome
