@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -16,6 +17,7 @@ from proj.mail.message import EmailRequest, message_id_for, sender_address
 from proj.mail.mime import build_message, to_bytes
 from proj.mail.transport import TemporaryReplyError, ThreadConnections
 from proj.settings import Settings, get_settings
+from proj.stores.connection import SOCKET_TIMEOUT, redis_client
 from proj.stores.ledger import Ledger
 from proj.stores.ratelimit import DomainRateLimiter, parse_limits
 
@@ -23,13 +25,19 @@ logger = logging.getLogger(__name__)
 
 SendFn = Callable[[str, Sequence[str], bytes, Callable[[], None]], dict[str, str]]
 
+# Waits between attempts to record "sent" while Redis does not answer; the last one repeats.
+SENT_RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0)
+# Stop retrying this long before the claim window ends (a copy may take over only after it): one
+# attempt can take a whole socket timeout.
+SENT_RETRY_MARGIN = SOCKET_TIMEOUT + 2.0
+
 
 class Mailer:
     """The email service of one process: shared Redis client, ledger, limiter, SMTP connections."""
 
     def __init__(self, settings: Settings, client: redis.Redis[bytes] | None = None) -> None:
         self.settings = settings
-        self.client = client or redis.Redis.from_url(settings.redis_url)
+        self.client = client or redis_client(settings.redis_url)
         self.ledger = Ledger(self.client, "email", settings.email_ledger_ttl)
         self.limiter = DomainRateLimiter(self.client, parse_limits(settings.email_rate_limits))
         self.connections = ThreadConnections(settings)
@@ -73,9 +81,36 @@ class Mailer:
         if claim.ambiguous:
             logger.warning("Task %s died while the server held message %s; sending again", owner, key)
         self._take_slots(request, owner, run)
+        started = time.monotonic()
         outcome = self._transact(request, owner, run, send)
-        self.ledger.sent(key, owner, outcome)
+        self._record_sent(key, owner, outcome, started + self.claim_window - SENT_RETRY_MARGIN)
         return {**outcome, "duplicate": False}
+
+    def _record_sent(self, key: str, owner: str, outcome: dict[str, Any], deadline: float) -> None:
+        """Record "sent" after the server's 250, retrying while Redis fails, until `deadline`.
+
+        The server holds the message now: losing this record to a stall or a failover would make the
+        retry send it again once the claim window has passed. Until then no copy can take over, so
+        retrying within the window is safe; after it, the outcome is as unknown as a dead worker's.
+        """
+        attempt = 0
+        while True:
+            try:
+                self.ledger.sent(key, owner, outcome)
+            except redis.RedisError as exc:
+                delay = SENT_RETRY_DELAYS[min(attempt, len(SENT_RETRY_DELAYS) - 1)]
+                if time.monotonic() + delay >= deadline:
+                    logger.error(
+                        "Could not record message %s as sent before its claim window ended: %s", key, exc
+                    )
+                    raise
+                logger.warning("Recording message %s as sent failed (%s); retrying in %.2fs", key, exc, delay)
+                time.sleep(delay)
+                attempt += 1
+            else:
+                if attempt:
+                    logger.info("Recorded message %s as sent after %d retries", key, attempt)
+                return
 
     def _take_slots(self, request: EmailRequest, owner: str, run: str) -> None:
         """One slot per recipient domain, or give the claim back and say when to come back."""

@@ -158,3 +158,30 @@ def test_tls_modes_auth_and_certificate_failures(redis_client, smtp_server_tls, 
         assert len(handler.received) == 1
     finally:
         implicit.stop()
+
+
+def test_a_refused_sent_record_after_the_servers_250_is_retried_not_sent_again(redis_client, smtp_server):
+    import threading
+
+    settings = Settings(smtp_port=smtp_server.port)
+    mailer = Mailer(settings, redis_client)
+    request = validate(
+        to="a@example.com", subject="s", text="t", idempotency_key="known-1", settings=settings
+    )
+    acl = redis_client.execute_command
+
+    # The moment the server stores the message, Redis refuses SET (the ledger's "sent" record)
+    # for a second, as a stall or failover would make it fail.
+    def refuse_set_for_a_second(item):
+        acl("ACL", "SETUSER", "default", "-set")
+        threading.Timer(1.0, acl, ("ACL", "SETUSER", "default", "+set")).start()
+
+    smtp_server.handler.on_stored = refuse_set_for_a_second
+    try:
+        assert mailer.send(request, owner="t1")["duplicate"] is False
+    finally:
+        smtp_server.handler.on_stored = None
+        acl("ACL", "SETUSER", "default", "+set")
+    assert mailer.ledger.get("known-1")["state"] == "sent"
+    assert mailer.send(request, owner="t1")["duplicate"] is True  # the owner's retry sends nothing
+    assert len(smtp_server.handler.received) == 1
