@@ -51,6 +51,9 @@ class Settings:
     email_rate_limits: str = ""
     # Backoff cap for SMTP retries; delays past BROKER_MAX_COUNTDOWN wait in the delayed set.
     email_retry_backoff_max: int = 600
+    # Retries of one message (and extra rounds of a bulk send): with the cap above, an SMTP outage
+    # shorter than 811 s exhausts no message's retries (proj.mail.retry.outage_bound).
+    email_max_retries: int = 10
     # Raw attachment bytes per message: ~10 MB once base64 encoded, what most providers accept.
     email_max_attachment_bytes: int = 7_500_000
     # Messages per bulk chunk (one SMTP connection each) and chunks sent at once by one bulk task.
@@ -103,6 +106,7 @@ class Settings:
             mail_from=env.get("MAIL_FROM", cls.mail_from),
             email_rate_limits=env.get("EMAIL_RATE_LIMITS", ""),
             email_retry_backoff_max=_int(env, "EMAIL_RETRY_BACKOFF_MAX", cls.email_retry_backoff_max),
+            email_max_retries=_int(env, "EMAIL_MAX_RETRIES", cls.email_max_retries),
             email_max_attachment_bytes=_int(
                 env, "EMAIL_MAX_ATTACHMENT_BYTES", cls.email_max_attachment_bytes
             ),

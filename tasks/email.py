@@ -13,29 +13,22 @@ from proj.celery import app
 from proj.errors import RateLimitedError, TransientError
 from proj.integration.parking import reschedule
 from proj.mail import bulk, get_mailer, validate
+from proj.mail.retry import retry_delay
 from proj.settings import get_settings
 
 logger = get_task_logger(__name__)
 
-# Retry policy: 4xx and connection trouble only; ~2, 4, 8 ... s with full jitter, capped, 8 tries.
-EMAIL_MAX_RETRIES = 8
-EMAIL_RETRY_BACKOFF = 2
-EMAIL_RETRY_BACKOFF_MAX = get_settings().email_retry_backoff_max
-# A bulk send goes round again for its deferred recipients (4xx, rate limits) at most this often.
-BULK_MAX_ROUNDS = 8
+# Retry policy: 4xx and connection trouble only, with proj.mail.retry's delays (2, 4, 8 ... s with
+# equal jitter, capped): an SMTP outage shorter than its outage_bound (811 s) loses no message.
+EMAIL_MAX_RETRIES = get_settings().email_max_retries
+# A bulk send goes round again for its deferred recipients (4xx, rate limits) as often, as late.
+BULK_MAX_ROUNDS = EMAIL_MAX_RETRIES
 
 
 # track_started off: a send takes milliseconds, and the extra STARTED result write cost ~20 % of
 # throughput (docs/benchmarks.md); Flower still gets the task-started event.
-@app.task(
-    bind=True,
-    track_started=False,
-    autoretry_for=(TransientError,),
-    retry_backoff=EMAIL_RETRY_BACKOFF,
-    retry_backoff_max=EMAIL_RETRY_BACKOFF_MAX,
-    retry_jitter=True,
-    max_retries=EMAIL_MAX_RETRIES,
-)
+# No autoretry_for: Celery's backoff has full jitter only, whose delays have no floor.
+@app.task(bind=True, track_started=False, max_retries=EMAIL_MAX_RETRIES)
 def send_email(
     self: Task[Any, Any],
     to: str | Sequence[str] = (),
@@ -70,6 +63,9 @@ def send_email(
         return get_mailer().send(request, owner=self.request.id or "direct")
     except RateLimitedError as exc:
         reschedule(self, exc.retry_after, str(exc))
+    except TransientError as exc:
+        # Celery's retry (counted, then the error itself once max_retries is spent), our delay.
+        raise self.retry(exc=exc, countdown=retry_delay(self.request.retries, get_settings())) from exc
 
 
 @app.task(bind=True, max_retries=BULK_MAX_ROUNDS)
@@ -99,9 +95,8 @@ def send_bulk(
         last_round=self.request.retries >= BULK_MAX_ROUNDS,
     )
     if done.deferred:
-        backoff = min(EMAIL_RETRY_BACKOFF * 2**self.request.retries, EMAIL_RETRY_BACKOFF_MAX)
         raise self.retry(
             kwargs={"template": template, "recipients": done.deferred, "idempotency_key": done.bulk_key},
-            countdown=max(done.retry_after, backoff),
+            countdown=max(done.retry_after, retry_delay(self.request.retries, get_settings())),
         )
     return done.result

@@ -10,6 +10,7 @@ import pytest
 
 from proj.errors import EmailDeliveryError, EmailRejectedError, InvalidEmailError, TransientError
 from proj.mail import build_message, message_id_for, to_bytes, validate
+from proj.mail.retry import backoff_cap, outage_bound, retry_delay
 from proj.mail.transport import classify
 from proj.settings import Settings
 from proj.stores.ratelimit import parse_limits
@@ -166,3 +167,31 @@ def test_rate_limit_spec():
     for bad in ("gmail.com", "gmail.com=20", "gmail.com=0/s", "gmail.com=20/d"):
         with pytest.raises(Exception, match="EMAIL_RATE_LIMITS"):
             parse_limits(bad)
+
+
+def test_retries_outlast_a_ten_minute_smtp_outage_with_the_default_settings():
+    defaults = Settings.from_env({})
+    assert (defaults.email_retry_backoff_max, defaults.email_max_retries) == (600, 10)
+    # Computed, not timed: the sum of the shortest possible delays, 1 + 2 + 4 ... + 256 + 300.
+    assert outage_bound(defaults) == 811 >= 600
+
+
+def test_each_retry_delay_lies_between_half_its_cap_and_its_cap():
+    settings = Settings(email_retry_backoff_max=600)
+    assert [backoff_cap(n, 600) for n in range(11)] == [2, 4, 8, 16, 32, 64, 128, 256, 512, 600, 600]
+    assert backoff_cap(10_000, 600) == 600  # no huge integers, however often a task was retried
+    for retries in range(12):
+        cap = backoff_cap(retries, 600)
+        delays = [retry_delay(retries, settings) for _ in range(200)]
+        assert all(cap / 2 <= delay <= cap for delay in delays)
+        assert len(set(delays)) > 1  # jittered: retries of many messages do not come back together
+
+
+def test_outage_bound_follows_the_settings():
+    env = {"EMAIL_RETRY_BACKOFF_MAX": "10", "EMAIL_MAX_RETRIES": "10"}
+    assert outage_bound(Settings.from_env(env)) == 1 + 2 + 4 + 5 * 7
+    assert outage_bound(Settings(email_retry_backoff_max=2, email_max_retries=10)) == 10
+    assert outage_bound(Settings(email_max_retries=0)) == 0
+    with pytest.raises(Exception, match="EMAIL_MAX_RETRIES"):
+        Settings.from_env({"EMAIL_MAX_RETRIES": "ten"})
+
