@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
-from email import policy
+from email import message_from_bytes, policy
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -58,7 +58,11 @@ def _parsed(headers: _Headers, name: str, value: str) -> BaseHeader:
 
 
 # policy.SMTP with the cheaper registry: the same parsing, the same CR/LF refusal, the same output.
+# Its cte_type is "8bit": a text part of short non-ASCII lines is sent as UTF-8 bytes ("8bit"), which
+# the transport declares with BODY=8BITMIME (RFC 6152); headers are always 7-bit (RFC 2047).
 SMTP_POLICY = policy.SMTP.clone(header_factory=_Headers())
+# The same, writing every 8-bit part base64-encoded: for servers without 8BITMIME.
+_SEVEN_BIT_POLICY = SMTP_POLICY.clone(cte_type="7bit")
 
 
 def build_message(request: EmailRequest, message_id: str, settings: Settings) -> EmailMessage:
@@ -100,6 +104,11 @@ def _boundary(*parts: str) -> str:
 def to_bytes(msg: EmailMessage) -> bytes:
     """The message as SMTP carries it (CRLF line ends, from the SMTP policy)."""
     return msg.as_bytes()
+
+
+def to_7bit(data: bytes) -> bytes:
+    """`data` with its 8-bit parts base64-encoded, for a server that did not offer 8BITMIME."""
+    return message_from_bytes(data, policy=SMTP_POLICY).as_bytes(policy=_SEVEN_BIT_POLICY)
 
 
 def _attach(msg: EmailMessage, keys: Iterable[str], settings: Settings) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -360,3 +362,59 @@ def test_send_bulk_defers_a_4xx_to_its_next_round_and_reports_the_total(start_wo
     assert sorted(r.rcpt_tos[0] for r in smtp_server.handler.received) == sorted(
         f"b{i}@example.com" for i in range(6)
     )
+
+
+@dataclass
+class _OptionsSink(MailSink):
+    """A MailSink that also keeps each accepted message's MAIL FROM parameters (RFC 6152's BODY)."""
+
+    options: list[tuple[list[str], bytes]] = field(default_factory=list)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        # A server without 8BITMIME (decode_data) hands over text; the bytes on the wire are these.
+        envelope.content = envelope.original_content
+        self.options.append((list(envelope.mail_options), bytes(envelope.original_content)))
+        return await super().handle_DATA(server, session, envelope)
+
+
+GREETING = "Grüße aus Köln, ½ € für alle"
+
+
+def test_an_8bit_body_is_declared_with_body_8bitmime_and_arrives_intact(start_worker):
+    from tasks.email import send_email
+
+    handler = _OptionsSink()
+    controller = start(handler, "127.0.0.1", free_port())  # aiosmtpd offers 8BITMIME
+    try:
+        start_worker(EMAIL_QUEUES, env=smtp_env(controller))
+        html = f"<p>{GREETING}</p>"
+        send_email.delay(to="uma@example.com", subject="8bit", text=GREETING, html=html).get(timeout=30)
+        send_email.delay(to="uma@example.com", subject="ascii", text="plain ASCII").get(timeout=30)
+    finally:
+        controller.stop()
+    [(options, data), (ascii_options, ascii_data)] = handler.options
+    assert options == ["BODY=8BITMIME"] and ascii_options == []
+    assert GREETING.encode() in data and b"Content-Transfer-Encoding: 8bit" in data  # sent as UTF-8 bytes
+    assert ascii_data.isascii()
+    msg = handler.received[0].message
+    assert msg.get_body(("plain",)).get_content().rstrip() == GREETING
+    assert msg.get_body(("html",)).get_content().rstrip() == f"<p>{GREETING}</p>"
+
+
+def test_a_server_without_8bitmime_gets_the_8bit_parts_base64_encoded(start_worker):
+    from aiosmtpd.controller import Controller
+
+    from tasks.email import send_email
+
+    handler = _OptionsSink()
+    # decode_data: aiosmtpd then leaves 8BITMIME out of its EHLO reply and refuses 8-bit bytes.
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), decode_data=True)
+    controller.start()
+    try:
+        start_worker(EMAIL_QUEUES, env=smtp_env(controller))
+        send_email.delay(to="val@example.com", subject="7bit", text=GREETING).get(timeout=30)
+    finally:
+        controller.stop()
+    [(options, data)] = handler.options
+    assert options == [] and data.isascii() and b"Content-Transfer-Encoding: base64" in data
+    assert handler.received[0].message.get_body(("plain",)).get_content().rstrip() == GREETING

@@ -11,7 +11,7 @@ import pytest
 from proj.errors import EmailDeliveryError, EmailRejectedError, InvalidEmailError, TransientError
 from proj.mail import build_message, message_id_for, to_bytes, validate
 from proj.mail.retry import backoff_cap, outage_bound, retry_delay
-from proj.mail.transport import classify
+from proj.mail.transport import body_for, classify
 from proj.settings import Settings
 from proj.stores.ratelimit import parse_limits
 
@@ -195,3 +195,40 @@ def test_outage_bound_follows_the_settings():
     with pytest.raises(Exception, match="EMAIL_MAX_RETRIES"):
         Settings.from_env({"EMAIL_MAX_RETRIES": "ten"})
 
+
+class _Server:
+    """What `body_for` asks of an smtplib connection: the extensions of the EHLO reply."""
+
+    def __init__(self, *extensions: str) -> None:
+        self.extensions = extensions
+
+    def has_extn(self, name: str) -> bool:
+        return name.lower() in self.extensions
+
+
+def test_8bit_parts_are_declared_with_body_8bitmime_or_reencoded_for_a_server_without_it(settings):
+    request = validate(
+        to="a@example.com", subject="Grüße", text="Grüße aus Köln", html="<p>Grüße</p>", settings=settings
+    )
+    raw = to_bytes(build_message(request, "<id-8@mail.example.com>", settings))
+    assert not raw.isascii() and b"Content-Transfer-Encoding: 8bit" in raw  # short lines stay 8-bit
+
+    assert body_for(_Server("8bitmime"), raw) == (raw, ["BODY=8BITMIME"])
+    seven, options = body_for(_Server(), raw)
+    assert options == [] and seven.isascii() and b"8bit" not in seven
+    original = message_from_bytes(raw, policy=policy.default)
+    downgraded = message_from_bytes(seven, policy=policy.default)
+    for name in ("Message-ID", "Subject", "To", "From", "Date"):
+        assert downgraded[name] == original[name]
+    for kind in ("plain", "html"):
+        before = original.get_body((kind,)).get_content()
+        after = downgraded.get_body((kind,)).get_content()
+        assert after.replace("\r\n", "\n") == before.replace("\r\n", "\n")
+
+
+def test_pure_ascii_messages_declare_nothing(settings):
+    request = validate(to="a@example.com", subject="Hello", text="plain ASCII", settings=settings)
+    raw = to_bytes(build_message(request, "<id-7@mail.example.com>", settings))
+    assert raw.isascii()
+    assert body_for(_Server("8bitmime"), raw) == (raw, [])
+    assert body_for(_Server(), raw) == (raw, [])
