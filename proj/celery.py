@@ -7,6 +7,7 @@ from celery import Celery
 import celeryconfig
 import proj.integration.signals  # noqa: F401  (connects the dead-letter and publish-time handlers)
 from proj.integration.parking import DelayedRelease
+from proj.integration.startup import CredentialCheck  # also makes beat check them (beat_init)
 from proj.integration.task_events import BatchedTaskEvents
 
 STOCK = celeryconfig.proj_stock_celery
@@ -16,6 +17,8 @@ app = Celery(
 )
 # A module name rather than an object, so prefork children import it instead of unpickling it.
 app.config_from_object("celeryconfig")
+# Every worker exits at start, with one line, when Redis refuses its credentials (not retried forever).
+app.steps["worker"].add(CredentialCheck)
 # Every worker moves due delayed messages (long retry delays) from Redis onto their queues.
 app.steps["worker"].add(DelayedRelease)
 if not STOCK:

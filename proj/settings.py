@@ -61,6 +61,9 @@ class Settings:
     email_bulk_connections: int = 8
     # How long the idempotency ledger remembers a sent message (seconds).
     email_ledger_ttl: int = 7 * 86400
+    # Dead letters hold whole message bodies: dropped after this many seconds, oldest first past the count.
+    dlq_max_age: int = 7 * 86400
+    dlq_max_count: int = 10_000
     # Jinja2 templates; empty means the templates shipped in proj/templates.
     mail_templates_dir: str = ""
     files_root: Path = Path(".local/files")
@@ -113,6 +116,8 @@ class Settings:
             email_bulk_chunk_size=_int(env, "EMAIL_BULK_CHUNK_SIZE", cls.email_bulk_chunk_size),
             email_bulk_connections=_int(env, "EMAIL_BULK_CONNECTIONS", cls.email_bulk_connections),
             email_ledger_ttl=_int(env, "EMAIL_LEDGER_TTL", cls.email_ledger_ttl),
+            dlq_max_age=_int(env, "DLQ_MAX_AGE", cls.dlq_max_age),
+            dlq_max_count=_int(env, "DLQ_MAX_COUNT", cls.dlq_max_count),
             mail_templates_dir=env.get("MAIL_TEMPLATES_DIR", ""),
             files_root=Path(env.get("FILES_ROOT", str(local_dir / "files"))),
             files_temp_max_age=_int(env, "FILES_TEMP_MAX_AGE", cls.files_temp_max_age),

@@ -7,6 +7,9 @@ import importlib
 import logging
 import sys
 
+from proj.credentials import redis_refusal
+from proj.settings import get_settings
+
 # name -> module exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("proj.cli.up", "start the whole local stack (Redis, workers, beat, Flower, SMTP)"),
@@ -43,6 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `proj` console script."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.command != "up":  # `proj up` may start the Redis itself; it checks a given one (proj.cli.up)
+        refusal = redis_refusal(get_settings().redis_url)
+        if refusal:  # one line, not a traceback: wrong credentials are not a bug of the command
+            print(f"proj {args.command}: {refusal}", file=sys.stderr)
+            sys.exit(1)
     sys.exit(_module(args.module).run(args))
 
 

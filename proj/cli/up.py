@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from proj.credentials import redis_refusal
 from proj.settings import Settings
 from proj.stack.plan import ROOT, StackError, banner, lock_local_dir, plan
 from proj.stack.run import run_stack
@@ -35,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.procfile.is_file():
             raise StackError(f"no Procfile at {args.procfile}; pass --procfile PATH")
         stack = plan(settings, local_dir)
+        refusal = redis_refusal(stack.redis_url) if settings.redis_url_given else None
+        if refusal:  # every worker would exit on it; say it once, before starting anything
+            raise StackError(refusal)
         for folder in (local_dir / "redis", local_dir / "mail", stack.files_root):
             folder.mkdir(parents=True, exist_ok=True)
         print(banner(stack), flush=True)

