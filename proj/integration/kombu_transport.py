@@ -34,17 +34,33 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from proj.integration.unawaited import RefusedWriteError, UnawaitedWriter
+from proj.stores import setaside
 from proj.stores.inflight import KEEPER, InflightLists, inflight_name
 
 logger = logging.getLogger(__name__)
 
 # Celery's default `event_exchange`: the fanout exchange of task and worker events.
 EVENT_EXCHANGE = "celeryev"
-# Where a consumer of one queue puts what it took but cannot read as a kombu message (not a task).
-UNREADABLE_KEY = "proj:unreadable"
+# Where a consumer puts what it took but cannot read as a kombu message (not a task).
+UNREADABLE_KEY = setaside.KEY
 
 # Any: kombu's type stubs do not describe the channel internals overridden here.
 _RedisChannel: Any = kombu_redis.Channel
+
+
+def _kombu_message(item: bytes) -> dict[str, Any]:
+    """A queue item decoded; ValueError, KeyError or TypeError unless it has all that kombu and proj read.
+
+    kombu's Message needs properties.delivery_tag; the unacked record, a reject and a give-back read
+    delivery_info's exchange and routing key. An item without them, once taken, could never be acked
+    or rejected and would hold a prefetch slot of its worker for good.
+    """
+    payload: dict[str, Any] = loads(bytes_to_str(item))
+    properties = payload["properties"]
+    delivery = properties["delivery_info"]
+    if not (properties["delivery_tag"] and isinstance(delivery["exchange"], str) and delivery["routing_key"]):
+        raise ValueError("no delivery tag, exchange or routing key")
+    return payload
 
 
 class QoS(kombu_redis.QoS):
@@ -197,8 +213,7 @@ class Channel(_RedisChannel):  # type: ignore[misc]
     def _brpop_read(self, **options: Any) -> bool:
         """Read the BLMOVE reply and deliver the message (kombu's BRPOP read otherwise)."""
         if self._taking is None:
-            result: bool = super()._brpop_read(**options)
-            return result
+            return self._brpop_read_many(**options)
         queue, inflight = self._taking
         try:
             try:
@@ -209,7 +224,7 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             if not item:
                 raise Empty()
             try:
-                payload = loads(bytes_to_str(item))
+                payload = _kombu_message(item)
                 self.inflight_tags[payload["properties"]["delivery_tag"]] = (inflight, item)
             except (ValueError, KeyError, TypeError):
                 self._set_aside(queue, inflight, item)
@@ -221,11 +236,45 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             self._in_poll = None
             self._flush_brpop_reauth()
 
-    def _set_aside(self, queue: str, inflight: str, item: bytes) -> None:
-        """Move something that is not a kombu message out of the way, kept for a person to look at."""
+    def _brpop_read_many(self, **options: Any) -> bool:
+        """kombu's BRPOP read, except that an item that is not a kombu message is set aside.
+
+        kombu decodes the item outside any handler: JSON that does not parse kills the worker
+        ("Unrecoverable error", celery#7975) and one without properties or a delivery tag restarts
+        the consumer; either way the item, already popped, is lost.
+        """
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # kombu's way: reconnect on the next turn
+                raise
+            if not reply:
+                raise Empty()
+            dest, item = reply
+            queue = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(queue)
+            try:
+                payload = _kombu_message(item)
+            except (ValueError, KeyError, TypeError):
+                self._set_aside(queue, None, item)
+                raise Empty() from None
+            self.connection._deliver(payload, queue)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _set_aside(self, queue: str, inflight: str | None, item: bytes) -> None:
+        """Move something that is not a kombu message out of the way, kept for a person to look at.
+
+        `inflight` is the list a BLMOVE took it into; None after a BRPOP, which already removed it.
+        """
         logger.error("Not a kombu message in %s, moved to the list %s: %r", queue, UNREADABLE_KEY, item[:200])
         with self._create_client().pipeline() as pipe:  # MULTI/EXEC
-            pipe.lrem(inflight, 1, item).lpush(UNREADABLE_KEY, item).execute()
+            if inflight is not None:
+                pipe.lrem(inflight, 1, item)
+            setaside.keep(pipe, item).execute()
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         """kombu's; remembers queues consumed without acks (e.g. remote-control replies)."""
