@@ -16,6 +16,7 @@ from proj.settings import get_settings
 from proj.stores.deadletters import DeadLetterStore
 from proj.stores.inflight import InflightLists
 from proj.stores.queues import UNACKED_KEY, queue_stats
+from proj.stores.setaside import SetAsideStore
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         "queues": [asdict(s) for s in queue_stats(client, names)],
         "unacked": int(client.hlen(UNACKED_KEY)) + InflightLists(client).count(),
         "dead_letters": DeadLetterStore(client).count(),
+        "set_aside": SetAsideStore(client).count(),
         "workers": _workers(app, args.timeout),
     }
     if args.probe:
@@ -87,6 +89,7 @@ def _print(console: Console, report: dict[str, Any]) -> None:
     console.print(queues)
     console.print(
         f"Delivered but not yet acknowledged: {report['unacked']}   Dead letters: {report['dead_letters']}"
+        f"   Set aside: {report['set_aside']}"
     )
     workers = Table(title="Workers")
     workers.add_column("worker")

@@ -1,7 +1,8 @@
-"""Celery signal handlers: dead letters for tasks that failed for good, and publish timestamps."""
+"""Celery signal handlers: dead letters, set-aside messages, and publish timestamps."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback as tb
@@ -9,11 +10,15 @@ from functools import lru_cache
 from typing import Any
 
 import redis
-from celery.signals import before_task_publish, task_failure
+from celery import bootsteps
+from celery.signals import before_task_publish, celeryd_init, task_failure, task_rejected, task_unknown
 
 from proj.settings import get_settings
+from proj.stores.connection import redis_client
 from proj.stores.deadletters import DeadLetter, DeadLetterStore
 from proj.stores.queues import SENT_AT_HEADER
+from proj.stores.setaside import KEY as SET_ASIDE_KEY
+from proj.stores.setaside import SetAsideStore
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +27,12 @@ logger = logging.getLogger(__name__)
 def _store() -> DeadLetterStore:
     """One store per process, created on first failure rather than at import."""
     return DeadLetterStore(redis.Redis.from_url(get_settings().redis_url))
+
+
+@lru_cache(maxsize=1)
+def _set_aside_store() -> SetAsideStore:
+    """One store per process, created on the first message set aside."""
+    return SetAsideStore(redis_client(get_settings().redis_url))
 
 
 @task_failure.connect
@@ -60,3 +71,73 @@ def stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
     """Stamp the publish time so `proj status` can tell how old the oldest waiting message is."""
     if headers is not None:
         headers.setdefault(SENT_AT_HEADER, time.time())
+
+
+# --- messages a worker took but cannot run ------------------------------------------------------
+# Celery rejects (unknown task name, refused content type, no task headers) or acks (undecodable
+# body) such a message, which deletes it from Redis. A copy goes to the set-aside list first.
+
+
+def _raw(message: Any) -> bytes:
+    """The message as the queue held it: kombu's virtual transport keeps the decoded JSON in `_raw`."""
+    raw = getattr(message, "_raw", message)
+    if isinstance(raw, bytes):
+        return raw
+    if isinstance(raw, str):
+        return raw.encode()
+    try:
+        return json.dumps(raw).encode()
+    except (TypeError, ValueError):
+        return repr(raw).encode()
+
+
+def set_aside(message: Any, reason: str) -> None:
+    """Keep a copy of `message` in the set-aside list and say so in the log; never raise."""
+    info = getattr(message, "delivery_info", None) or {}
+    queue = info.get("routing_key", "?") if isinstance(info, dict) else "?"
+    raw = _raw(message)
+    try:
+        _set_aside_store().add(raw)
+    except redis.RedisError:
+        logger.exception("Could not set aside a message from %s (%s): %r", queue, reason, raw[:200])
+        return
+    logger.error(
+        "Set aside a message from %s in the list %s: %s: %r", queue, SET_ASIDE_KEY, reason, raw[:200]
+    )
+
+
+@task_unknown.connect
+def set_aside_unknown_task(message: Any = None, name: str = "", **_: Any) -> None:
+    """A task name no worker registers (a typo, an old client, a removed task)."""
+    set_aside(message, f"unknown task {name!r}")
+
+
+@task_rejected.connect
+def set_aside_rejected(message: Any = None, exc: BaseException | None = None, **_: Any) -> None:
+    """A message without task headers, or one Celery refuses (content type not accepted, bad fields)."""
+    set_aside(message, f"invalid task message: {exc!r}" if exc else "not a task message (no task headers)")
+
+
+class SetAsideUndecodable(bootsteps.Step):
+    """Consumer step: a body that cannot be decoded (pickle, a broken encoding) is set aside too.
+
+    Celery's `Consumer.on_decode_error` logs and acks such a message and sends no signal; this wraps
+    it on the consumer before its task consumer is created (Tasks.start reads the attribute).
+    """
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        acked = parent.on_decode_error
+
+        def on_decode_error(message: Any, exc: BaseException) -> None:
+            set_aside(message, f"cannot decode the body: {exc!r}")
+            acked(message, exc)
+
+        parent.on_decode_error = on_decode_error
+
+
+@celeryd_init.connect
+def add_consumer_steps(instance: Any = None, **_: Any) -> None:
+    """Before `celery worker` builds its consumer: add the step above (both modes: a proj extension)."""
+    if instance is not None:
+        instance.app.steps["consumer"].add(SetAsideUndecodable)
