@@ -9,6 +9,7 @@ import proj.integration.signals  # noqa: F401  (connects the dead-letter and pub
 from proj.integration.parking import DelayedRelease
 from proj.integration.startup import CredentialCheck  # also makes beat check them (beat_init)
 from proj.integration.task_events import BatchedTaskEvents
+from proj.integration.watchdog import ConsumerWatchdog
 
 STOCK = celeryconfig.proj_stock_celery
 # amqp: its producers park long delays (in both modes: a proj feature, not a replacement).
@@ -21,6 +22,8 @@ app.config_from_object("celeryconfig")
 app.steps["worker"].add(CredentialCheck)
 # Every worker moves due delayed messages (long retry delays) from Redis onto their queues.
 app.steps["worker"].add(DelayedRelease)
+# Every worker exits (to be restarted) when its consumer stops taking messages (docs/operations.md).
+app.steps["worker"].add(ConsumerWatchdog)
 if not STOCK:
     # Celery reads override_backends when the configuration loads; a process whose first use of the
     # app is AsyncResult(id).get() resolves its backend before that when CELERY_RESULT_BACKEND is set.

@@ -35,6 +35,14 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
 
 
+def _stall_window(environ: Mapping[str, str]) -> float:
+    """PROJ_STALL_WINDOW: a window in seconds, 0 for off; a negative one is a typo."""
+    window = _float(environ, "PROJ_STALL_WINDOW", Settings.stall_window)
+    if window < 0:
+        raise ConfigurationError(f"PROJ_STALL_WINDOW must be 0 (off) or a number of seconds, got {window:g}")
+    return window
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the services need to know about their environment."""
@@ -86,6 +94,9 @@ class Settings:
     redis_port: int = 0
     # REDIS_URL or CELERY_BROKER_URL was given: the local stack uses that Redis and starts none.
     redis_url_given: bool = False
+    # Seconds a queue may hold messages that a worker with free slots takes none of before the
+    # worker counts as stalled and exits to be restarted (docs/operations.md); 0 turns it off.
+    stall_window: float = 120.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -133,6 +144,7 @@ class Settings:
             flower_port=_int(env, "FLOWER_PORT", cls.flower_port),
             redis_port=_int(env, "REDIS_PORT", cls.redis_port),
             redis_url_given=bool(env.get("CELERY_BROKER_URL") or env.get("REDIS_URL")),
+            stall_window=_stall_window(env),
         )
 
 

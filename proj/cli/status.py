@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from proj.settings import get_settings
+from proj.stores.consumption import stalled_queues
 from proj.stores.deadletters import DeadLetterStore
 from proj.stores.inflight import InflightLists
 from proj.stores.queues import UNACKED_KEY, queue_stats
@@ -26,15 +27,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for workers and probes")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check for stalled queues (a health check): print each and exit 1, else exit 0",
+    )
+    parser.add_argument(
+        "--queues", help="with --check: the comma-separated queues to check (default: every declared queue)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the state of queues and workers; exit 1 when no worker answers or a probe fails."""
+    """Print the state of queues and workers; exit 1 when no worker answers or a probe fails.
+
+    With --check, only look for stalled queues and exit 1 when one is.
+    """
     import celeryconfig
+
+    names = [queue.name for queue in celeryconfig.task_queues]
+    if args.check:
+        chosen = args.queues.split(",") if args.queues else names
+        unknown = sorted(set(chosen) - set(names))
+        if unknown:
+            print(f"not a declared queue: {', '.join(unknown)}")
+            return 1
+        return _check(chosen, args.timeout)
     from proj.celery import app
 
     client = redis.Redis.from_url(get_settings().redis_url)
-    names = [queue.name for queue in celeryconfig.task_queues]
     report: dict[str, Any] = {
         "queues": [asdict(s) for s in queue_stats(client, names)],
         "unacked": int(client.hlen(UNACKED_KEY)) + InflightLists(client).count(),
@@ -50,6 +70,30 @@ def run(args: argparse.Namespace) -> int:
         _print(Console(), report)
     probes_ok = all(p["ok"] for p in report.get("probes", {}).values())
     return 0 if report["workers"] and probes_ok else 1
+
+
+def _check(names: list[str], timeout: float) -> int:
+    """Print one line per stalled queue and return 1, or 0 when none is (docs/operations.md)."""
+    window = get_settings().stall_window
+    if window <= 0:
+        print("stall check off (PROJ_STALL_WINDOW=0)")
+        return 0
+    # Only Redis, no broadcast to workers: cheap enough for a container health check.
+    client = redis.Redis.from_url(
+        get_settings().redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+    )
+    now = time.time()
+    try:
+        stalls = stalled_queues(client, names, window, now)
+    except redis.RedisError as exc:
+        print(f"cannot check for stalled queues: {exc}")
+        return 1
+    for stall in stalls:
+        print(f"stalled: {stall.describe(now, window)} (window {window:g} s)")
+    if stalls:
+        return 1
+    print(f"no stalled queue: {', '.join(names)} (window {window:g} s)")
+    return 0
 
 
 def _workers(app: Any, timeout: float) -> dict[str, list[str]]:
