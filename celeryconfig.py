@@ -114,6 +114,12 @@ result_backend_transport_options = {"visibility_timeout": broker_visibility_time
 # One reserved message per process by default; workers for short tasks raise it per queue.
 worker_prefetch_multiplier = 1
 
+# A result write that fails (Redis unreachable; with proj's backend also full or read-only) is
+# retried with Celery's backoff (10 ms doubling to 10 s, jittered) for some minutes instead of
+# failing a task that ran: everything accepted completes once Redis takes writes again.
+result_backend_always_retry = True
+result_backend_max_retries = 100
+
 # Results are read within minutes; a day is plenty and keeps Redis from filling up.
 result_expires = _env_int("RESULT_EXPIRES", 86400)
 # Store task name, args and worker with the result so the dead-letter store and status can show them.

@@ -12,9 +12,13 @@ from proj.integration.task_events import BatchedTaskEvents
 from proj.integration.watchdog import ConsumerWatchdog
 
 STOCK = celeryconfig.proj_stock_celery
-# amqp: its producers park long delays (in both modes: a proj feature, not a replacement).
+# amqp: its producers park long delays; task_cls: a retry that cannot be published requeues its
+# message instead of dropping it (both in both modes: proj features, not replacements).
 app = Celery(
-    "proj", include=["tasks.health", "tasks.email", "tasks.files"], amqp="proj.integration.producer:AMQP"
+    "proj",
+    include=["tasks.health", "tasks.email", "tasks.files"],
+    amqp="proj.integration.producer:AMQP",
+    task_cls="proj.integration.requeue:Task",
 )
 # A module name rather than an object, so prefork children import it instead of unpickling it.
 app.config_from_object("celeryconfig")

@@ -25,6 +25,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
+from collections.abc import Callable
+from functools import partial
 from queue import Empty
 from typing import Any
 
@@ -32,6 +35,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+from redis.exceptions import ResponseError
 
 from proj.integration.unawaited import RefusedWriteError, UnawaitedWriter
 from proj.stores import setaside
@@ -43,6 +47,9 @@ logger = logging.getLogger(__name__)
 EVENT_EXCHANGE = "celeryev"
 # Where a consumer puts what it took but cannot read as a kombu message (not a task).
 UNREADABLE_KEY = setaside.KEY
+
+# Seconds between takes while Redis refuses them (full under noeviction, a read-only replica).
+TAKE_REFUSED_WAIT = 1.0
 
 # Any: kombu's type stubs do not describe the channel internals overridden here.
 _RedisChannel: Any = kombu_redis.Channel
@@ -116,15 +123,36 @@ class QoS(kombu_redis.QoS):
         virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        """Let the message's unacked record land first: a requeue reads it back from Redis."""
+        """Let the message's unacked record land first: a requeue reads it back from Redis.
+
+        A reject Redis refuses (full: under noeviction it refuses even a MULTI of removals; a
+        read-only replica) or cannot take (unreachable) never reaches the consumer loop: the message
+        stays in Redis, in its inflight list or under its unacked record, and the reject is tried
+        again before the next take (and, failing that, the lease or restore sweep puts it back).
+        """
         channel: Any = self.channel
-        channel.flush_unawaited()
         taken = channel.inflight_tags.pop(delivery_tag, None)
-        if taken is None:
-            super().reject(delivery_tag, requeue=requeue)
-            return
-        channel.give_back(*taken, leftmost=True, requeue=requeue)  # kombu's order: the back of the queue
+        if taken is not None:
+            redo = partial(
+                channel.give_back, *taken, leftmost=True, requeue=requeue
+            )  # kombu's order: the back
+        else:
+            redo = partial(self._reject_unacked, delivery_tag, requeue)
+        try:
+            channel.flush_unawaited()
+            redo()
+        except (ResponseError, *channel.connection_errors) as exc:
+            logger.warning("Could not reject %s (%s); trying again before the next take", delivery_tag, exc)
+            channel.redo_later(redo)
         virtual.QoS.ack(self, delivery_tag)
+
+    def _reject_unacked(self, delivery_tag: str, requeue: bool) -> None:
+        """kombu's reject of a message under an unacked record: restore it (or not), drop the record."""
+        qos: Any = self  # kombu's stubs do not describe its Redis QoS
+        if requeue:
+            qos.restore_by_tag(delivery_tag, leftmost=True)  # atomic: record gone and message back
+        else:
+            qos._remove_from_indices(delivery_tag).execute()
 
     def restore_unacked(self, client: Any = None) -> Any:
         """Let the records in flight land before putting unacked messages back on their queues."""
@@ -140,7 +168,11 @@ class QoS(kombu_redis.QoS):
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
         """kombu's sweep of expired unacked records, then of inflight lists whose lease ran out."""
-        super().restore_visible(start, num, interval)
+        try:
+            super().restore_visible(start, num, interval)
+        except ResponseError as exc:  # full or read-only: the next sweep tries again
+            logger.warning("Could not sweep unacked messages: %s", exc)
+            return
         channel: Any = self.channel
         if channel.unawaited_writer() is not None:
             moved = channel.inflight_registry().requeue_expired()
@@ -165,6 +197,8 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         self._inflight_lists: dict[str, str] = {}  # queue -> this channel's inflight list
         self._no_ack_queues: set[str] = set()  # consumed without acks: nothing to keep inflight
         self._token = uuid.uuid4().hex
+        self._refused_rejects: deque[Callable[[], None]] = deque()  # to run again before the next take
+        self._refused_since: float | None = None  # when Redis started refusing BLMOVE
         super().__init__(*args, **kwargs)
 
     def _create_client(self, asynchronous: bool = False) -> Any:
@@ -192,6 +226,7 @@ class Channel(_RedisChannel):  # type: ignore[misc]
     def _brpop_start(self, timeout: float | None = None) -> None:
         """Take from a single queue list with BLMOVE into this consumer's inflight list, else BRPOP."""
         self._check_unawaited()
+        self._redo_refused_rejects()
         queues = list(self.active_queues)
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         single = len(keys) == 1 and queues[0] not in self._no_ack_queues
@@ -221,6 +256,15 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             except self.connection_errors:
                 self.client.connection.disconnect()  # kombu's way: reconnect on the next turn
                 raise
+            except ResponseError as exc:  # BLMOVE writes: refused when Redis is full or read-only
+                self._take_refused(exc)
+                raise Empty() from None
+            if self._refused_since is not None:
+                logger.warning(
+                    "Redis takes BLMOVE again after %.0fs; taking messages",
+                    time.monotonic() - self._refused_since,
+                )
+                self._refused_since = None
             if not item:
                 raise Empty()
             try:
@@ -275,6 +319,29 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             if inflight is not None:
                 pipe.lrem(inflight, 1, item)
             setaside.keep(pipe, item).execute()
+
+    def _take_refused(self, exc: Exception) -> None:
+        """Redis refused the take: nothing was moved. Say so once, and wait before asking again."""
+        if self._refused_since is None:
+            self._refused_since = time.monotonic()
+            logger.error(
+                "Redis refuses to hand out messages (%s); asking again every %gs", exc, TAKE_REFUSED_WAIT
+            )
+        time.sleep(TAKE_REFUSED_WAIT)  # else the loop would ask again at once, thousands of times a second
+
+    def redo_later(self, action: Callable[[], None]) -> None:
+        """Remember a reject Redis refused; `_brpop_start` tries it again before the next take."""
+        self._refused_rejects.append(action)
+
+    def _redo_refused_rejects(self) -> None:
+        """Run again the rejects Redis refused earlier, oldest first; stop at the first refusal."""
+        while self._refused_rejects:
+            try:
+                self._refused_rejects[0]()
+            except (ResponseError, *self.connection_errors):
+                return
+            self._refused_rejects.popleft()
+            logger.info("Redis took a reject it had refused")
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         """kombu's; remembers queues consumed without acks (e.g. remote-control replies)."""

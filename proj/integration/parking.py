@@ -24,6 +24,8 @@ from celery.exceptions import Retry
 from kombu import Connection, Producer
 from kombu.utils.json import dumps
 
+from proj.integration.requeue import requeue_instead
+from proj.stores.connection import redis_client
 from proj.stores.delayed import DelayedSet, eta_epoch
 
 logger = logging.getLogger(__name__)
@@ -91,10 +93,17 @@ def reschedule(
     countdown: float,
     reason: str,
 ) -> NoReturn:
-    """Run this task again in `countdown` seconds without counting a retry (rate limits, not faults)."""
+    """Run this task again in `countdown` seconds without counting a retry (rate limits, not faults).
+
+    If the new message cannot be published (Redis full, unreachable), this one goes back to its
+    queue instead (proj.integration.requeue): it is never dropped.
+    """
     request = task.request
     signature = task.signature_from_request(request, countdown=countdown, retries=request.retries)
-    signature.apply_async()
+    try:
+        signature.apply_async()
+    except Exception as exc:
+        raise requeue_instead(task.name, request.id, exc) from exc
     raise Retry(reason, when=countdown, sig=signature)  # type: ignore[arg-type]
 
 
@@ -109,7 +118,7 @@ class DelayedRelease(bootsteps.StartStopStep):
         self.delayed: DelayedSet | None = None
 
     def start(self, worker: Any) -> None:
-        self.delayed = DelayedSet(redis.Redis.from_url(worker.app.conf.broker_url))
+        self.delayed = DelayedSet(redis_client(worker.app.conf.broker_url))
         self.tref = worker.timer.call_repeatedly(RELEASE_INTERVAL, self.release)
 
     def stop(self, worker: Any) -> None:

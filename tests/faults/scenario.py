@@ -35,3 +35,14 @@ def report(outcome: Outcome) -> Outcome:
     print(line)
     LINES.append(line)
     return outcome
+
+
+def runs_by_id(*logs: str) -> dict[str, int]:
+    """How often each task id ran to completion, from worker logs ("Task name[id] succeeded")."""
+    import re
+
+    counts: dict[str, int] = {}
+    for log in logs:
+        for task_id in re.findall(r"Task [\w.]+\[([0-9a-f-]{36})\] succeeded", log):
+            counts[task_id] = counts.get(task_id, 0) + 1
+    return counts
