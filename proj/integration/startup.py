@@ -17,6 +17,7 @@ from typing import Any
 
 from celery import bootsteps
 from celery.signals import beat_init
+from celery.worker.state import maybe_shutdown
 
 from proj.credentials import check_redis
 
@@ -44,8 +45,16 @@ def require_redis_credentials(urls: Iterable[str]) -> None:
                 logger.critical("%s; exiting (a wrong password is not retried)", why)
                 raise SystemExit(1)
             logger.warning("%s; checking the credentials again in %.0f s", why, interval)
-            time.sleep(interval)
+            _sleep(interval)
             interval = min(interval * 2, RETRY_MAX_INTERVAL)
+
+
+def _sleep(seconds: float) -> None:
+    """Sleep, but end the wait when a worker is told to stop (SIGTERM, Ctrl-C only set a flag)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        maybe_shutdown()  # raises WorkerShutdown / WorkerTerminate, which Celery's start handles
+        time.sleep(0.1)
 
 
 class CredentialCheck(bootsteps.StartStopStep):

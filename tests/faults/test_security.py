@@ -37,6 +37,7 @@ SMTP_PASSWORD = f"smtppw-{secrets.token_hex(8)}"
 FLOWER_PASSWORD = f"flowerpw-{secrets.token_hex(8)}"
 WRONG_PASSWORD = f"wrongpw-{secrets.token_hex(8)}"
 SECRETS = (REDIS_PASSWORD, DEFAULT_PASSWORD, SMTP_PASSWORD, FLOWER_PASSWORD, WRONG_PASSWORD)
+PROJ_ACL = ("ACL", "SETUSER", "proj", "on", f">{REDIS_PASSWORD}", "~*", "&*", "+@all")
 # Bounded: a process that retries wrong credentials forever fails the test instead of hanging it.
 REFUSAL_TIMEOUT = 60
 
@@ -51,7 +52,7 @@ def secured_redis() -> Iterator[RedisServer]:
     """A private Redis: the default user needs a password, proj logs in as the ACL user `proj`."""
     server = RedisServer().start()
     client = server.client()
-    client.execute_command("ACL", "SETUSER", "proj", "on", f">{REDIS_PASSWORD}", "~*", "&*", "+@all")
+    client.execute_command(*PROJ_ACL)
     client.config_set("requirepass", DEFAULT_PASSWORD)
     client.close()
     yield server
@@ -176,6 +177,48 @@ def test_wrong_credentials_end_the_process_with_one_clear_line(
     assert masked in line and code in line, line
     assert "Traceback" not in done.stdout, done.stdout
     assert not leaks(done.stdout)
+
+
+def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    command = _commands(log.parent)["worker"]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def _wait_until_waiting(log: Path) -> None:
+    """Until the worker says it cannot reach Redis and will ask again."""
+    wait_for(
+        lambda: "cannot be reached" in log.read_text(errors="replace"),
+        timeout=60,
+        interval=0.2,
+        what="the worker to wait for Redis",
+    )
+
+
+def test_a_worker_waiting_for_redis_refuses_wrong_credentials_once_redis_answers(tmp_path: Path) -> None:
+    server = RedisServer()  # its port is chosen, nothing listens there yet
+    log = tmp_path / "worker.log"
+    worker = _worker(proj_env(redis_url(server, f"proj:{WRONG_PASSWORD}@"), tmp_path), log)
+    try:
+        _wait_until_waiting(log)
+        server.start()
+        server.client().execute_command(*PROJ_ACL)
+        assert worker.wait(REFUSAL_TIMEOUT) == 1
+    finally:
+        stop_process(worker)
+        server.stop()
+    assert "refused the credentials: WRONGPASS" in log.read_text() and not leaks(log.read_text())
+
+
+def test_a_worker_waiting_for_redis_stops_on_sigterm(tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    worker = _worker(proj_env(f"redis://proj:{REDIS_PASSWORD}@127.0.0.1:{free_port()}/0", tmp_path), log)
+    try:
+        _wait_until_waiting(log)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(REFUSAL_TIMEOUT) == 0, log.read_text()  # a warm shutdown, not a SIGKILL
+    finally:
+        stop_process(worker)
+    assert not leaks(log.read_text())
 
 
 @pytest.mark.parametrize(
