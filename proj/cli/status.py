@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from proj.settings import get_settings
+from proj.stores.connection import redis_client
 from proj.stores.consumption import stalled_queues
 from proj.stores.deadletters import DeadLetterStore
 from proj.stores.inflight import InflightLists
@@ -79,9 +80,7 @@ def _check(names: list[str], timeout: float) -> int:
         print("stall check off (PROJ_STALL_WINDOW=0)")
         return 0
     # Only Redis, no broadcast to workers: cheap enough for a container health check.
-    client = redis.Redis.from_url(
-        get_settings().redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
-    )
+    client = redis_client(get_settings().redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
     now = time.time()
     try:
         stalls = stalled_queues(client, names, window, now)

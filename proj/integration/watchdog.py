@@ -28,6 +28,7 @@ from celery import bootsteps, signals
 from celery.worker import state
 
 from proj.settings import get_settings
+from proj.stores.connection import redis_client
 from proj.stores.consumption import ConsumptionStamps
 from proj.stores.queues import queue_stats
 
@@ -112,7 +113,7 @@ class ConsumerWatchdog(bootsteps.StartStopStep):
         # Its own client: the worker's connections are the ones that may be stuck. A timeout here
         # means "cannot tell" and redis-py connects afresh on the next command.
         timeout = min(max(self.interval, 0.5), 5.0)
-        self.client = redis.Redis.from_url(
+        self.client = redis_client(
             worker.app.conf.broker_url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self.thread = threading.Thread(target=self.run, name="proj-consumer-watchdog", daemon=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from proj.integration.watchdog import STALLED_EXIT_CODE
+from proj.integration.watchdog import STALLED_EXIT_CODE, StallWatch
 from proj.stores.queues import queue_stats
 from tests.faults.scenario import Outcome, report
 from tests.harness import ROOT, wait_for
@@ -143,6 +143,21 @@ def _succeeded(log: str) -> dict[str, int]:
 
 def _stall_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if "Consumer stalled" in line]
+
+
+def test_stall_watch_needs_a_whole_window_of_waiting_with_nothing_received_and_a_free_slot():
+    watch = StallWatch(window=6)
+    assert watch.observe(0, received=0, free=True, depths={"q": 0}) == (["q"], [])
+    assert watch.observe(1, received=0, free=True, depths={"q": 3}) == ([], [])  # waits since 1
+    assert watch.observe(6, received=0, free=True, depths={"q": 3}) == ([], [])
+    assert watch.observe(7, received=0, free=True, depths={"q": 3}) == ([], ["q"])
+    assert watch.observe(8, received=1, free=True, depths={"q": 3}) == (["q"], [])  # took one
+    assert watch.observe(9, received=1, free=False, depths={"q": 3}) == (["q"], [])  # busy
+    assert watch.observe(20, received=1, free=False, depths={"q": 3}) == (["q"], [])
+    assert watch.observe(21, received=1, free=True, depths={"q": 3}) == ([], [])  # waits since 21
+    watch.reset()  # Redis could not be read: start again
+    assert watch.observe(27, received=1, free=True, depths={"q": 3}) == ([], [])
+    assert watch.observe(33, received=1, free=True, depths={"q": 3}) == ([], ["q"])
 
 
 @pytest.mark.timeout(300)  # a window, the 30 s socket timeout of the shutdown, a restart, on a busy machine

@@ -108,6 +108,16 @@ def test_workers_consume_declared_queues_and_all_of_them() -> None:
         assert set().union(*workers.values()) == DECLARED_QUEUES, "every queue has a consumer"
 
 
+def test_each_worker_is_health_checked_for_stalls_of_its_own_queues() -> None:
+    # `proj status --check` (docs/operations.md, "Stalled consumers") on exactly the worker's -Q queues.
+    workers = {name: s for name, s in _services().items() if "worker" in s.get("command", [])}
+    assert workers
+    for name, service in workers.items():
+        test = service["healthcheck"]["test"]
+        assert test[:4] == ["CMD", "proj", "status", "--check"], name
+        assert set(test[test.index("--queues") + 1].split(",")) == _queues(service["command"]), name
+
+
 def test_email_workers_match_the_procfile() -> None:
     # Same shape in both: one threads process per core, as many processes as the Procfile's email-N.
     procfile = [
