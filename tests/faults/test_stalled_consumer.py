@@ -161,7 +161,7 @@ def test_stall_watch_needs_a_whole_window_of_waiting_with_nothing_received_and_a
 
 
 @pytest.mark.timeout(300)  # a window, the 30 s socket timeout of the shutdown, a restart, on a busy machine
-@pytest.mark.parametrize("pool", ["threads", "solo"])
+@pytest.mark.parametrize("pool", ["threads", "solo", "prefork"])
 def test_stalled_consumer_exits_and_a_new_worker_drains_the_backlog(
     pool, start_worker, celery_app, worker_env, redis_client, proxy
 ):
