@@ -19,7 +19,7 @@ def compress(
     storage: Storage, key: str, fmt: str = "gzip", on_progress: ProgressCallback = no_progress
 ) -> dict[str, Any]:
     """Compress `key` to derived/<key>/compressed.<gz|zst>; return the output key, sizes and ratio."""
-    if fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
         raise InvalidFileError(f"unknown compression format {fmt!r}; use one of {sorted(FORMATS)}")
     out_key = derived_key(key, f"compressed.{FORMATS[fmt]}")
     with io_errors(key):

@@ -29,6 +29,11 @@ TEMP_MARKER = ".proj-tmp-"
 # Where outputs derived from an input key live: derived/<key>/...
 DERIVED_PREFIX = "derived"
 
+# Linux's NAME_MAX, less room for the temporary-file marker and suffix added to a name.
+MAX_KEY_PART_BYTES = 200
+# Keys nest under derived/<key>/ and the root; PATH_MAX (4096) must hold them with room to spare.
+MAX_KEY_LENGTH = 1024
+
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -37,9 +42,19 @@ def no_progress(done: int, total: int) -> None:
 
 
 def check_key(key: str) -> PurePosixPath:
-    """Validate the shape of a key: relative, no `..`, no empty or NUL parts."""
+    """Validate the shape of a key: relative, no `..`, no empty or NUL parts, a length a file system takes."""
     if not isinstance(key, str) or not key or "\x00" in key or "\\" in key:
-        raise UnsafePathError(f"invalid storage key {key!r}")
+        raise UnsafePathError(f"invalid storage key {key!r:.200}")
+    # Checked here, not left to the OS: ENAMETOOLONG would be taken for a storage outage and retried.
+    try:
+        parts = [len(part.encode()) for part in key.split("/")]
+    except UnicodeEncodeError:
+        raise UnsafePathError(f"storage key {key!r:.200} is not valid Unicode (a lone surrogate)") from None
+    if len(key) > MAX_KEY_LENGTH or max(parts) > MAX_KEY_PART_BYTES:
+        raise UnsafePathError(
+            f"storage key {key!r:.200} is too long: at most {MAX_KEY_LENGTH} characters, "
+            f"{MAX_KEY_PART_BYTES} bytes between slashes"
+        )
     path = PurePosixPath(key)
     if path.is_absolute() or any(part in ("..", ".", "") for part in key.split("/")):
         raise UnsafePathError(f"storage key {key!r} must be relative, without '..' or empty parts")
