@@ -11,7 +11,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from proj.celery import app
-from proj.errors import TransientError
+from proj.errors import PermanentError, TransientError
 from proj.files import archives, checksums, csvimport, images, summary
 from proj.files import compress as compressing
 from proj.files.storage import ProgressCallback, Storage
@@ -116,6 +116,10 @@ def compress(self: Task[Any, Any], key: str, format: str = "gzip") -> dict[str, 
 @retrying
 def clean_temp_files(self: Task[Any, Any], max_age: int | None = None) -> dict[str, Any]:
     """Remove temporary files left by killed tasks (run by beat)."""
+    if max_age is not None and (isinstance(max_age, bool) or not isinstance(max_age, int | float)):
+        raise PermanentError(
+            f"clean_temp_files: max_age must be a number of seconds, got {type(max_age).__name__}"
+        )
     age = get_settings().files_temp_max_age if max_age is None else max_age
     removed = _storage().clean_temp(age)
     logger.info("Removed %d orphaned temporary files", len(removed))

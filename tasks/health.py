@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 from proj.celery import app
+from proj.errors import PermanentError
 
 MAX_HOLD_SECONDS = 60.0
 
@@ -18,7 +20,10 @@ def canary(hold: float = 0.0) -> dict[str, Any]:
 
     `hold` keeps the worker slot busy for that many seconds (at most a minute): shutdown drills use it.
     """
-    time.sleep(min(max(hold, 0.0), MAX_HOLD_SECONDS))
+    # JSON carries NaN and huge numbers as well as any other type: refuse them clearly, never retry.
+    if isinstance(hold, bool) or not isinstance(hold, int | float) or math.isnan(hold):
+        raise PermanentError(f"canary: hold must be a number of seconds, got {type(hold).__name__}")
+    time.sleep(min(max(float(hold), 0.0), MAX_HOLD_SECONDS))
     return {
         "hostname": canary.request.hostname or socket.gethostname(),
         "ran_at": datetime.now(UTC).isoformat(),
