@@ -370,6 +370,13 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             KEEPER.drop(inflight)
         if not lists:
             return
+        writer = self.unawaited_writer()
+        if writer is not None:
+            settled = writer.settle_unconfirmed()  # acks a lost connection took: else given back too
+            writer.close()
+            if not settled:
+                logger.warning("Redis is away: %s go back after their lease, once the acks are sent", lists)
+                return
         try:
             moved = self.inflight_registry().requeue(lists)
         except self.connection_errors as exc:

@@ -38,6 +38,19 @@ REFUSED_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)  # then the last one until the 
 
 _BROKEN = (RedisConnectionError, RedisTimeoutError, OSError)
 
+# Writes a lost connection took with it unanswered (per Redis server), in the order they were sent.
+# They may or may not have been applied; all are safe to apply again, so the next connection of the
+# process sends them again before it takes anything, and a closing channel before it gives back
+# what it took: an ack lost this way would otherwise let that give-back run a finished task again.
+_UNCONFIRMED: dict[tuple[Any, ...], deque[list[tuple[Any, ...]]]] = {}
+_UNCONFIRMED_LOCK = threading.Lock()
+
+
+def _server(pool: Any) -> tuple[Any, ...]:
+    """Which Redis a connection pool talks to (the unconfirmed writes belong to it)."""
+    kwargs = getattr(pool, "connection_kwargs", {})
+    return (kwargs.get("host"), kwargs.get("port"), kwargs.get("db", 0), kwargs.get("path"))
+
 
 @dataclass
 class _Batch:
@@ -72,13 +85,15 @@ class UnawaitedWriter:
         """
         with self._lock:
             connection = self._acquire()
+            batch = _Batch(commands, resend, unread=len(commands))
             try:
                 connection.send_packed_command(connection.pack_commands(commands), check_health=False)
-                batch = _Batch(commands, resend, unread=len(commands))
                 self._pending.extend((str(command[0]), batch) for command in commands)
                 self._collect(connection)
             except _BROKEN:
-                self._drop()
+                self._drop(
+                    also=batch if batch.unread == len(commands) and not self._pending_has(batch) else None
+                )
                 raise
 
     def flush(self) -> None:
@@ -99,6 +114,7 @@ class UnawaitedWriter:
         Raises:
             RefusedWriteError: Redis still refused them after REFUSED_RETRY_SECONDS.
         """
+        self._send_unconfirmed()
         self.flush()
         if not self._refused:
             return
@@ -120,6 +136,25 @@ class UnawaitedWriter:
             if time.monotonic() >= deadline:
                 break
         raise RefusedWriteError(f"Redis still refuses {self._refused[0].refused}")
+
+    def settle_unconfirmed(self) -> bool:
+        """Send again what lost connections left unanswered and wait for it; False if Redis is away."""
+        try:
+            self._send_unconfirmed()
+            self.flush()
+        except _BROKEN:
+            return False
+        with _UNCONFIRMED_LOCK:
+            return not _UNCONFIRMED.get(_server(self._pool))
+
+    def _send_unconfirmed(self) -> None:
+        """Send the unconfirmed writes of this Redis again, oldest first (they become pending here)."""
+        with _UNCONFIRMED_LOCK:
+            batches = _UNCONFIRMED.pop(_server(self._pool), None)
+        if batches:
+            logger.warning("Sending again %d write(s) a lost connection left unanswered", len(batches))
+            for commands in batches:
+                self.send(commands)
 
     def close(self) -> None:
         """Flush and give the connection back to the pool."""
@@ -146,18 +181,32 @@ class UnawaitedWriter:
             self._read(connection)
 
     def _read(self, connection: Any) -> None:
-        command, batch = self._pending.popleft()
-        batch.unread -= 1
+        command, batch = self._pending[0]  # popped once answered: a lost reply leaves it unconfirmed
         try:
             connection.read_response()
         except ResponseError as exc:
             logger.debug("Redis refused an unawaited %s: %s", command, exc)
             batch.refused = batch.refused or f"{command} ({exc})"
+        self._pending.popleft()
+        batch.unread -= 1
         if batch.unread == 0 and batch.refused and batch.resend:
             self._refused.append(batch)
 
-    def _drop(self) -> None:
+    def _pending_has(self, batch: _Batch) -> bool:
+        return any(pending is batch for _, pending in self._pending)
+
+    def _drop(self, also: _Batch | None = None) -> None:
+        """Forget the broken connection; keep the writes it left unanswered (and `also`) to send again."""
         if self._connection is not None:
             self._connection.disconnect()
         self._connection = None
+        lost: list[_Batch] = []
+        for _, batch in self._pending:
+            if batch.resend and not any(batch is seen for seen in lost):
+                lost.append(batch)
+        if also is not None and also.resend:
+            lost.append(also)
         self._pending.clear()
+        if lost:
+            with _UNCONFIRMED_LOCK:
+                _UNCONFIRMED.setdefault(_server(self._pool), deque()).extend(b.commands for b in lost)

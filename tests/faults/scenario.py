@@ -46,3 +46,10 @@ def runs_by_id(*logs: str) -> dict[str, int]:
         for task_id in re.findall(r"Task [\w.]+\[([0-9a-f-]{36})\] succeeded", log):
             counts[task_id] = counts.get(task_id, 0) + 1
     return counts
+
+
+def scaled(count: int) -> int:
+    """`count` times PROJ_FAULT_SCALE (default 1), so the scenarios re-run at other sizes."""
+    import os
+
+    return max(1, int(count * float(os.environ.get("PROJ_FAULT_SCALE", "1"))))
