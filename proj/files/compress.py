@@ -20,7 +20,7 @@ def compress(
 ) -> dict[str, Any]:
     """Compress `key` to derived/<key>/compressed.<gz|zst>; return the output key, sizes and ratio."""
     if not isinstance(fmt, str) or fmt not in FORMATS:
-        raise InvalidFileError(f"unknown compression format {fmt!r}; use one of {sorted(FORMATS)}")
+        raise InvalidFileError(f"unknown compression format {fmt!r:.200}; use one of {sorted(FORMATS)}")
     out_key = derived_key(key, f"compressed.{FORMATS[fmt]}")
     with io_errors(key):
         path = storage.file(key)

@@ -45,7 +45,7 @@ def _check_sizes(sizes: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
     boxes = []
     for size in sizes:
         if len(size) != 2 or not all(isinstance(v, int) and 0 < v <= MAX_THUMBNAIL_SIDE for v in size):
-            raise InvalidFileError(f"thumbnail size {size!r} must be [w, h] in 1..{MAX_THUMBNAIL_SIDE}")
+            raise InvalidFileError(f"thumbnail size {size!r:.200} must be [w, h] in 1..{MAX_THUMBNAIL_SIDE}")
         boxes.append((size[0], size[1]))
     if not boxes:
         raise InvalidFileError("no thumbnail sizes requested")

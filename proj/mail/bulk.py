@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proj.errors import InvalidEmailError, PermanentError, RateLimitedError, TransientError
-from proj.mail.message import EmailRequest, validate
+from proj.mail.message import EmailRequest, template_name, validate
 from proj.mail.service import Mailer
 from proj.mail.templates import check_template
 from proj.mail.transport import ChunkConnection
@@ -223,7 +223,7 @@ def run(
     """One round of a bulk send: every message sent once; on the last round deferred become failures."""
     if not isinstance(recipients, list) or not recipients:
         raise InvalidEmailError("recipients: expected a non-empty list of {'to': ..., 'context': {...}}")
-    check_template(template, mailer.settings.mail_templates_dir)
+    check_template(template_name(template), mailer.settings.mail_templates_dir)
     key = (
         bulk_key
         or "bulk:"

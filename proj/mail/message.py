@@ -35,6 +35,12 @@ _HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,75}$")
 MAX_HEADER_LENGTH = 998
 MAX_RECIPIENTS = 100
 MAX_KEY_LENGTH = 200
+# RFC 5321's path limit; checked before email-validator, which takes a second over a megabyte.
+MAX_ADDRESS_LENGTH = 254
+MAX_TEMPLATE_NAME = 100
+# Characters of a caller's value an error message quotes: the message is logged, stored with the
+# result and the dead letter, and scrubbed by a regex that took hours over a 2 MB argument.
+SHOWN = 200
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ def validate(
     if template is not None:
         if subject is not None or text is not None or html is not None:
             raise InvalidEmailError("give either a template or subject/text/html, not both")
-        subject, text, html = render(template, context or {}, settings.mail_templates_dir)
+        subject, text, html = render(template_name(template), context or {}, settings.mail_templates_dir)
     request = EmailRequest(
         to=_addresses(to, "to"),
         subject=_header_value("subject", subject or ""),
@@ -114,11 +120,25 @@ def address(value: object, field: str = "address") -> str:
     """One plain address (no display name), checked by email-validator, in its ASCII form."""
     if not isinstance(value, str):
         raise InvalidEmailError(f"{field}: expected an address string, got {type(value).__name__}")
+    if len(value) > MAX_ADDRESS_LENGTH:
+        raise InvalidEmailError(
+            f"{field}: {value!r:.{SHOWN}} is not a valid email address: "
+            f"{len(value)} characters, at most {MAX_ADDRESS_LENGTH}"
+        )
     try:
         checked = validate_email(value, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
         raise InvalidEmailError(f"{field}: {value!r} is not a valid email address: {exc}") from None
     return str(checked.ascii_email or checked.normalized)
+
+
+def template_name(name: object) -> str:
+    """A template name short enough to quote; proj.mail.templates checks the rest."""
+    if not isinstance(name, str) or len(name) > MAX_TEMPLATE_NAME:
+        raise InvalidEmailError(
+            f"template: {name!r:.{SHOWN}} is not a template name (at most {MAX_TEMPLATE_NAME} characters)"
+        )
+    return name
 
 
 def _header_value(name: str, value: object) -> str:
@@ -157,7 +177,7 @@ def _extra_headers(headers: Mapping[str, str] | None) -> tuple[tuple[str, str], 
     checked = []
     for name, value in headers.items():
         if not isinstance(name, str) or not _HEADER_NAME.match(name):
-            raise InvalidEmailError(f"headers: {name!r} is not a valid header name")
+            raise InvalidEmailError(f"headers: {name!r:.{SHOWN}} is not a valid header name")
         if name.lower() not in ALLOWED_HEADERS and not name.lower().startswith("x-"):
             raise InvalidEmailError(f"headers: {name!r} may not be set by callers")
         checked.append((name, _header_value(f"header {name}", value)))
@@ -175,7 +195,7 @@ def _attachments(keys: Sequence[str] | None, settings: Settings) -> tuple[str, .
         try:
             total += storage.file(key).stat().st_size
         except ProjError as exc:  # unsafe path, missing or empty file
-            raise InvalidEmailError(f"attachment {key!r}: {exc}") from exc
+            raise InvalidEmailError(f"attachment {key!r:.{SHOWN}}: {exc}") from exc
     if total > settings.email_max_attachment_bytes:
         raise InvalidEmailError(
             f"attachments total {total} bytes, over the limit of {settings.email_max_attachment_bytes}"

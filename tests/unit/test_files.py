@@ -362,3 +362,14 @@ def test_notification_is_stable_for_the_same_file():
     one = summary.notification(summary.summarize(info, {"import": stats}, "a@example.com"))
     two = summary.notification(summary.summarize(info, {"import": stats}, "a@example.com"))
     assert one == two and "2 rows" in one["text"] and one["subject"] == "Processed k (csv)"
+
+
+def test_a_huge_format_or_size_is_refused_with_a_short_message(storage):
+    # Error messages are scrubbed by a regex that takes hours over 2 MB of letters (proj.credentials).
+    huge = "x" * 2_000_000
+    with pytest.raises(InvalidFileError, match="unknown compression format") as info:
+        compress.compress(storage, "a.bin", huge)
+    assert len(str(info.value)) < 500
+    with pytest.raises(InvalidFileError, match="thumbnail size") as info:
+        images.make_thumbnails(storage, "a.png", [huge], max_pixels=1000)
+    assert len(str(info.value)) < 500

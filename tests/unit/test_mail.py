@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import time
 from email import message_from_bytes, policy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from proj.credentials import scrub
 from proj.errors import EmailDeliveryError, EmailRejectedError, InvalidEmailError, TransientError
-from proj.mail import build_message, message_id_for, to_bytes, validate
+from proj.mail import build_message, bulk, message_id_for, to_bytes, validate
 from proj.mail.retry import backoff_cap, outage_bound, retry_delay
 from proj.mail.transport import body_for, classify
 from proj.settings import Settings
@@ -60,6 +63,38 @@ def settings(tmp_path: Path) -> Settings:
 def test_bad_input_is_refused_with_a_clear_reason(settings, kwargs, reason):
     with pytest.raises(InvalidEmailError, match=reason):
         validate(**kwargs, settings=settings)
+
+
+HUGE = "x" * 2_000_000
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"to": HUGE, "text": "t"},
+        {"to": ["a@example.com", HUGE], "text": "t"},
+        {"to": "a@example.com", "text": "t", "headers": {HUGE: "v"}},
+        {"to": "a@example.com", "template": HUGE},
+        {"to": "a@example.com", "template": [HUGE]},
+        {"to": "a@example.com", "text": "t", "attachments": [HUGE]},
+    ],
+)
+def test_a_huge_argument_is_refused_fast_with_a_short_message(settings, kwargs):
+    # The message is logged, stored and scrubbed (proj.credentials.scrub, a regex that took hours
+    # over 2 MB of letters while holding the GIL: the whole email worker stopped).
+    started = time.monotonic()
+    with pytest.raises(InvalidEmailError) as info:
+        validate(**kwargs, settings=settings)
+    assert len(str(info.value)) < 500
+    scrub(str(info.value))
+    assert time.monotonic() - started < 1
+
+
+def test_a_bulk_send_with_a_huge_template_name_is_refused_with_a_short_message(settings):
+    mailer = SimpleNamespace(settings=settings)
+    with pytest.raises(InvalidEmailError, match="not a template name") as info:
+        bulk.run(mailer, ["x" * 2_000_000], [{"to": "a@example.com"}], None, "id", print, False)
+    assert len(str(info.value)) < 500
 
 
 def test_attachments_must_exist_stay_inside_the_root_and_fit(settings, tmp_path):
