@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((320, 320), (1024, 1024))
 MAX_THUMBNAIL_SIDE = 4096
+MAX_THUMBNAILS = 20
 JPEG_QUALITY = 85
 
 
@@ -42,14 +43,22 @@ def make_thumbnails(
 
 def _check_sizes(sizes: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
     """Validate the requested boxes: pairs of positive ints, none absurdly large."""
+    # A task's sizes come from JSON: anything may arrive, and each box is a file written.
+    if not isinstance(sizes, list | tuple) or len(sizes) > MAX_THUMBNAILS:
+        raise InvalidFileError(f"thumbnail sizes must be a list of at most {MAX_THUMBNAILS} [w, h] boxes")
     boxes = []
     for size in sizes:
-        if len(size) != 2 or not all(isinstance(v, int) and 0 < v <= MAX_THUMBNAIL_SIDE for v in size):
+        if not isinstance(size, list | tuple) or len(size) != 2 or not all(_side(v) for v in size):
             raise InvalidFileError(f"thumbnail size {size!r:.200} must be [w, h] in 1..{MAX_THUMBNAIL_SIDE}")
         boxes.append((size[0], size[1]))
     if not boxes:
         raise InvalidFileError("no thumbnail sizes requested")
     return boxes
+
+
+def _side(value: object) -> bool:
+    """A whole number of pixels within the limit (True and 2.0 are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_THUMBNAIL_SIDE
 
 
 def _decode(storage: Storage, key: str, longest: int, max_pixels: int) -> Image.Image:

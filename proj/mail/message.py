@@ -112,8 +112,20 @@ def _addresses(value: str | Sequence[str] | None, field: str) -> tuple[str, ...]
     """Normalise one address or a list of them; display names and lists in one string are refused."""
     if value is None:
         return ()
-    items = [value] if isinstance(value, str) else list(value)
+    items = _items(value, field, "an address or a list of addresses")
+    # Counted before each is checked: 20,000 copies of one address took email-validator a second.
+    if len(items) > MAX_RECIPIENTS:
+        raise InvalidEmailError(f"{field}: {len(items)} addresses; at most {MAX_RECIPIENTS} per message")
     return tuple(dict.fromkeys(address(item, field) for item in items))
+
+
+def _items(value: object, field: str, expected: str) -> list[object]:
+    """A string as a list of one, a list (or tuple) as it is; JSON can carry anything else too."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple):
+        return list(value)
+    raise InvalidEmailError(f"{field}: expected {expected}, got {type(value).__name__}")
 
 
 def address(value: object, field: str = "address") -> str:
@@ -188,10 +200,11 @@ def _attachments(keys: Sequence[str] | None, settings: Settings) -> tuple[str, .
     """Storage keys that exist under the storage root and fit the size limit together."""
     if not keys:
         return ()
-    if isinstance(keys, str):
-        keys = [keys]
-    storage, total = Storage(settings.files_root), 0
-    for key in keys:
+    checked, storage, total = [], Storage(settings.files_root), 0
+    for key in _items(keys, "attachments", "a storage key or a list of them"):
+        if not isinstance(key, str):
+            raise InvalidEmailError(f"attachments: expected a storage key string, got {type(key).__name__}")
+        checked.append(key)
         try:
             total += storage.file(key).stat().st_size
         except ProjError as exc:  # unsafe path, missing or empty file
@@ -200,7 +213,7 @@ def _attachments(keys: Sequence[str] | None, settings: Settings) -> tuple[str, .
         raise InvalidEmailError(
             f"attachments total {total} bytes, over the limit of {settings.email_max_attachment_bytes}"
         )
-    return tuple(keys)
+    return tuple(checked)
 
 
 def _with_key(request: EmailRequest, key: str | None) -> EmailRequest:

@@ -373,3 +373,9 @@ def test_a_huge_format_or_size_is_refused_with_a_short_message(storage):
     with pytest.raises(InvalidFileError, match="thumbnail size") as info:
         images.make_thumbnails(storage, "a.png", [huge], max_pixels=1000)
     assert len(str(info.value)) < 500
+
+
+@pytest.mark.parametrize("sizes", [5, "ab", {"a": 1}, [5], [[True, 2]], [[1.0, 2]], [[8, 8]] * 21, []])
+def test_thumbnail_sizes_of_any_other_shape_are_an_invalid_file_error(storage, sizes):
+    with pytest.raises(InvalidFileError, match="thumbnail size"):
+        images.make_thumbnails(storage, "a.png", sizes, max_pixels=1000)

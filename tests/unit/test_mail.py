@@ -58,6 +58,13 @@ def settings(tmp_path: Path) -> Settings:
         ({"to": "a@example.com", "template": "welcome", "subject": "s"}, "not both"),
         ({"to": "a@example.com", "subject": "s", "text": "t", "idempotency_key": "a\nb"}, "idempotency_key"),
         ({"to": "a@example.com", "subject": "s" * 999, "text": "t"}, "longer than"),
+        # JSON carries any type: each is an InvalidEmailError, not a TypeError from iterating it.
+        ({"to": 5, "text": "t"}, "to: expected an address or a list of addresses, got int"),
+        ({"to": {"a": 1}, "text": "t"}, "to: expected an address or a list"),
+        ({"to": "a@example.com", "cc": 1.5, "text": "t"}, "cc: expected an address"),
+        ({"to": "a@example.com", "text": "t", "attachments": 5}, "attachments: expected a storage key"),
+        ({"to": "a@example.com", "text": "t", "attachments": [["k"]]}, "expected a storage key string"),
+        ({"to": ["a@example.com"] * 101, "text": "t"}, "101 addresses; at most 100"),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_reason(settings, kwargs, reason):
