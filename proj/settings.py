@@ -64,9 +64,15 @@ class Settings:
     email_max_retries: int = 10
     # Raw attachment bytes per message: ~10 MB once base64 encoded, what most providers accept.
     email_max_attachment_bytes: int = 7_500_000
+    # Characters per body part (text, HTML; rendered templates too): far above a real message (Gmail
+    # clips HTML past 102 kB), well below what slows a worker building and sending it.
+    email_max_body_chars: int = 1_000_000
     # Messages per bulk chunk (one SMTP connection each) and chunks sent at once by one bulk task.
     email_bulk_chunk_size: int = 50
     email_bulk_connections: int = 8
+    # Recipients per send_bulk call: the whole list travels in one task message and each retry's;
+    # a longer list is split by the caller into several calls.
+    email_bulk_max_recipients: int = 10_000
     # How long the idempotency ledger remembers a sent message (seconds).
     email_ledger_ttl: int = 7 * 86400
     # Dead letters hold whole message bodies: dropped after this many seconds, oldest first past the count.
@@ -124,8 +130,10 @@ class Settings:
             email_max_attachment_bytes=_int(
                 env, "EMAIL_MAX_ATTACHMENT_BYTES", cls.email_max_attachment_bytes
             ),
+            email_max_body_chars=_int(env, "EMAIL_MAX_BODY_CHARS", cls.email_max_body_chars),
             email_bulk_chunk_size=_int(env, "EMAIL_BULK_CHUNK_SIZE", cls.email_bulk_chunk_size),
             email_bulk_connections=_int(env, "EMAIL_BULK_CONNECTIONS", cls.email_bulk_connections),
+            email_bulk_max_recipients=_int(env, "EMAIL_BULK_MAX_RECIPIENTS", cls.email_bulk_max_recipients),
             email_ledger_ttl=_int(env, "EMAIL_LEDGER_TTL", cls.email_ledger_ttl),
             dlq_max_age=_int(env, "DLQ_MAX_AGE", cls.dlq_max_age),
             dlq_max_count=_int(env, "DLQ_MAX_COUNT", cls.dlq_max_count),

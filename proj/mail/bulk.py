@@ -223,6 +223,9 @@ def run(
     """One round of a bulk send: every message sent once; on the last round deferred become failures."""
     if not isinstance(recipients, list) or not recipients:
         raise InvalidEmailError("recipients: expected a non-empty list of {'to': ..., 'context': {...}}")
+    limit = mailer.settings.email_bulk_max_recipients
+    if len(recipients) > limit:
+        raise InvalidEmailError(f"recipients: {len(recipients)}, over the limit of {limit} per send_bulk")
     check_template(template_name(template), mailer.settings.mail_templates_dir)
     key = (
         bulk_key

@@ -93,7 +93,7 @@ def validate(
     request = EmailRequest(
         to=_addresses(to, "to"),
         subject=_header_value("subject", subject or ""),
-        text=_body(text, html),
+        text=_body(text, html, settings.email_max_body_chars),
         html=html if html else None,
         cc=_addresses(cc, "cc"),
         bcc=_addresses(bcc, "bcc"),
@@ -170,11 +170,13 @@ def _is_control(ch: str) -> bool:
     return ch != "\t" and unicodedata.category(ch) in ("Cc", "Zl", "Zp")
 
 
-def _body(text: str | None, html: str | None) -> str:
-    """The text part; a message with neither text nor HTML is refused."""
+def _body(text: str | None, html: str | None, limit: int) -> str:
+    """The text part; a message with neither text nor HTML, or a part over the limit, is refused."""
     for name, part in (("text", text), ("html", html)):
         if part is not None and not isinstance(part, str):
             raise InvalidEmailError(f"{name}: expected text, got {type(part).__name__}")
+        if part is not None and len(part) > limit:
+            raise InvalidEmailError(f"{name}: {len(part)} characters, over the limit of {limit}")
     if not (text or "").strip() and not (html or "").strip():
         raise InvalidEmailError("a message needs a body: text, html or a template")
     return text or ""

@@ -104,6 +104,38 @@ def test_a_bulk_send_with_a_huge_template_name_is_refused_with_a_short_message(s
     assert len(str(info.value)) < 500
 
 
+def test_bodies_and_bulk_lists_over_their_limits_are_refused(settings):
+    env = {
+        "EMAIL_MAX_BODY_CHARS": "10",
+        "EMAIL_BULK_MAX_RECIPIENTS": "3",
+        "FILES_ROOT": str(settings.files_root),
+    }
+    small = Settings.from_env(env)
+    assert validate("a@example.com", "s", "x" * 10, settings=small).text == "x" * 10
+    for kwargs in ({"text": "x" * 11}, {"text": "t", "html": "x" * 11}):
+        with pytest.raises(InvalidEmailError, match="11 characters, over the limit of 10"):
+            validate("a@example.com", "s", **kwargs, settings=small)
+    with pytest.raises(InvalidEmailError, match="over the limit"):  # a rendered template too
+        validate(
+            "a@example.com",
+            template="welcome",
+            context=dict.fromkeys(("name", "product", "url"), "x"),
+            settings=small,
+        )
+    with pytest.raises(InvalidEmailError, match="recipients: 4, over the limit of 3 per send_bulk"):
+        bulk.run(
+            SimpleNamespace(settings=small),
+            "welcome",
+            [{"to": "a@example.com"}] * 4,
+            None,
+            "id",
+            print,
+            False,
+        )
+    assert Settings().email_max_body_chars == 1_000_000
+    assert Settings().email_bulk_max_recipients == 10_000
+
+
 def test_attachments_must_exist_stay_inside_the_root_and_fit(settings, tmp_path):
     (settings.files_root / "ok.bin").write_bytes(b"x" * 600)
     (settings.files_root / "big.bin").write_bytes(b"x" * 600)
