@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proj.errors import InvalidEmailError, PermanentError, RateLimitedError, TransientError
-from proj.mail.message import EmailRequest, template_name, validate
+from proj.mail.message import MAX_KEY_LENGTH, EmailRequest, template_name, validate
 from proj.mail.service import Mailer
 from proj.mail.templates import check_template
 from proj.mail.transport import ChunkConnection
@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 TALLY_TTL = 86400
 
 RECIPIENT_SHAPE = "a recipient is {'to': address, 'context': {...}}"
+# Each message's key is the bulk key, ":" and 32 hex digits, and must fit MAX_KEY_LENGTH.
+MAX_BULK_KEY_LENGTH = MAX_KEY_LENGTH - 33
 
 
 @dataclass
@@ -227,6 +229,12 @@ def run(
     if len(recipients) > limit:
         raise InvalidEmailError(f"recipients: {len(recipients)}, over the limit of {limit} per send_bulk")
     check_template(template_name(template), mailer.settings.mail_templates_dir)
+    # Checked here, not per message: a key of another type or length made every recipient a
+    # failure of a SUCCESS (too long), or was sent under its str() (a list, a number).
+    if bulk_key is not None and not (
+        isinstance(bulk_key, str) and 0 < len(bulk_key) <= MAX_BULK_KEY_LENGTH and bulk_key.isprintable()
+    ):
+        raise InvalidEmailError(f"idempotency_key: 1 to {MAX_BULK_KEY_LENGTH} printable characters")
     key = (
         bulk_key
         or "bulk:"

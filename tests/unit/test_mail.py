@@ -136,6 +136,13 @@ def test_bodies_and_bulk_lists_over_their_limits_are_refused(settings):
     assert Settings().email_bulk_max_recipients == 10_000
 
 
+@pytest.mark.parametrize("key", ["", "k" * 168, "a\nb", 5, ["k"], {"k": 1}])
+def test_a_bulk_idempotency_key_of_another_type_or_length_is_refused_for_the_whole_call(settings, key):
+    mailer = SimpleNamespace(settings=settings)
+    with pytest.raises(InvalidEmailError, match="idempotency_key: 1 to 167 printable characters"):
+        bulk.run(mailer, "welcome", [{"to": "a@example.com"}], key, "id", print, False)
+
+
 def test_attachments_must_exist_stay_inside_the_root_and_fit(settings, tmp_path):
     (settings.files_root / "ok.bin").write_bytes(b"x" * 600)
     (settings.files_root / "big.bin").write_bytes(b"x" * 600)
