@@ -12,6 +12,12 @@ TESTED_WITH = {"celery": "5.7", "kombu": "5.7", "redis": "8.1", "flower": "2.2"}
 
 # distribution -> "module:Class.attribute" names the layer overrides, calls or reads, private or not
 # documented as an extension point. Each must still exist after an upgrade.
+# Step names in `requires` are strings Celery resolves at start; they count too. Attributes set only
+# on instances cannot be looked up here and are re-checked by hand on an upgrade: kombu's
+# Channel._queue_cycle, connection_errors, brpop_timeout and virtual Message._raw; Celery's
+# Consumer.task_consumer and initial_prefetch_count (the watchdog), the result consumer's
+# _pending_results, _pending_messages, _pending_unsubscribe and subscribed_to, and
+# EventDispatcher.on_send_buffered and buffer_limit (docs/internals.md).
 TOUCHED = {
     "kombu": [
         "kombu.transport.redis:Channel._brpop_start",
@@ -23,6 +29,9 @@ TOUCHED = {
         "kombu.transport.redis:Channel._do_restore_message",
         "kombu.transport.redis:Channel._q_for_pri",
         "kombu.transport.redis:Channel._flush_brpop_reauth",
+        "kombu.transport.redis:Channel._in_poll",
+        "kombu.transport.redis:Channel._brpop_sent_at",
+        "kombu.transport.redis:Channel.sep",
         "kombu.transport.redis:Channel.from_transport_options",
         "kombu.transport.redis:Channel.conn_or_acquire",
         "kombu.transport.redis:Channel.basic_consume",
@@ -34,9 +43,15 @@ TOUCHED = {
         "kombu.transport.redis:QoS.restore_visible",
         "kombu.transport.redis:QoS.unacked_key",
         "kombu.transport.redis:QoS.unacked_index_key",
+        "kombu.transport.redis:QoS.restore_by_tag",
+        "kombu.transport.redis:QoS._remove_from_indices",
+        "kombu.transport.virtual:QoS.append",
+        "kombu.transport.virtual:QoS.ack",
+        "kombu.transport.virtual:QoS._delivered",
         "kombu.transport.virtual:Channel._get_message_priority",
         "kombu.transport.virtual:Transport._deliver",
         "kombu.messaging:Producer.publish",
+        "kombu.messaging:Producer.batch",
         "kombu.connection:Connection.info",
     ],
     "celery": [
@@ -52,6 +67,7 @@ TOUCHED = {
         "celery.backends.redis:RedisBackend._get_result_meta",
         "celery.backends.redis:RedisBackend._MAX_STR_VALUE_SIZE",
         "celery.backends.redis:RedisBackend.on_task_call",
+        "celery.backends.redis:RedisBackend.exception_safe_to_retry",
         "celery.app.amqp:AMQP.producer_pool",
         "celery.app.amqp:AMQP.Producer",
         "celery.app.amqp:AMQP.argsrepr_maxsize",
@@ -59,6 +75,16 @@ TOUCHED = {
         "celery.events.dispatcher:EventDispatcher.flush",
         "celery.loaders.base:BaseLoader.override_backends",
         "celery.app.task:Task.shadow_name",
+        "celery.app.task:Task.retry",
+        "celery.app.task:Task.signature_from_request",
+        "celery.worker.state:should_stop",
+        "celery.worker.state:maybe_shutdown",
+        "celery.worker.state:reserved_requests",
+        "celery.worker.consumer.consumer:Consumer.on_decode_error",
+        "celery.worker.consumer.tasks:Tasks.start",
+        "celery.worker.components:Pool",
+        "celery.worker.components:Timer",
+        "celery.worker.consumer.events:Events",
     ],
     "redis": [
         "redis.connection:AbstractConnection.send_packed_command",
@@ -66,11 +92,20 @@ TOUCHED = {
         "redis.connection:AbstractConnection.read_response",
         "redis.connection:AbstractConnection.can_read",
         "redis.client:Redis.parse_response",
+        "redis.connection:ConnectionPool.connection_kwargs",
+        "redis.exceptions:OutOfMemoryError",
+        "redis.exceptions:ReadOnlyError",
     ],
     "flower": [
         "flower.views.monitor:Metrics.get",
         "flower.app:Flower.broker_uri",
         "flower.app:Flower.broker_uri_with_password",
         "flower.utils.broker:Redis",
+        "flower.command:flower",
+        "flower.command:apply_env_options",
+        "flower.command:is_flower_option",
+        "flower.options:options.conf",
+        "flower.options:options.auth",
+        "flower.options:options.basic_auth",
     ],
 }

@@ -11,7 +11,7 @@ import proj
 from tests.harness import ROOT
 
 # Services: plain Python over SMTP, files and Redis. They never load Celery, kombu or the layer.
-SERVICES = ("proj.mail", "proj.files", "proj.stores", "proj.settings", "proj.errors")
+SERVICES = ("proj.mail", "proj.files", "proj.stores", "proj.settings", "proj.errors", "proj.credentials")
 NOT_FOR_SERVICES = ("celery", "kombu", "tasks", "proj.integration", "proj.cli", "proj.stack")
 # What each package must never import (by package prefix).
 FORBIDDEN = {
