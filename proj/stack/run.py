@@ -11,12 +11,15 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import honcho.manager
 from honcho.environ import parse_procfile
-from honcho.manager import Manager
+from honcho.manager import SYSTEM_PRINTER_NAME, Manager
+from honcho.printer import Message
+from honcho.process import Popen
 
 from proj.stack.plan import Stack, StackError, write_env_file
 
@@ -29,6 +32,14 @@ WORKERS = ("email-1", "email-2", "default-1", "default-2", "files")
 SHUTDOWN_GRACE = 330
 READY_TIMEOUT = 60.0
 BACKING_TIMEOUT = 20.0
+# A Celery process that exits on its own (a stalled worker exits 75 on purpose) is started again after
+# a wait that doubles from 1 s up to 30 s, and is 1 s again once the process had run for 60 s.
+RESTART_FIRST_DELAY = 1.0
+RESTART_MAX_DELAY = 30.0
+RESTART_RESET_AFTER = 60.0
+# One that exits this often within the window cannot start: the stack stops rather than loop forever.
+GIVE_UP_EXITS = 5
+GIVE_UP_WINDOW = 60.0
 
 
 class _MainProcessSignals:
@@ -46,14 +57,122 @@ class _MainProcessSignals:
             os.killpg(pid, signal.SIGKILL)
 
 
+@dataclass
+class _Backoff:
+    """How long one process waits before it starts again, and when it is given up on."""
+
+    delay: float = RESTART_FIRST_DELAY
+    started: float = 0.0  # monotonic time of its last start
+    exits: list[float] = field(default_factory=list)
+
+    def next_delay(self, now: float) -> float | None:
+        """The wait before starting it again after an exit at `now`; None when it keeps failing."""
+        if now - self.started >= RESTART_RESET_AFTER:
+            self.delay, self.exits = RESTART_FIRST_DELAY, []
+        self.exits = [t for t in self.exits if now - t < GIVE_UP_WINDOW] + [now]
+        if len(self.exits) >= GIVE_UP_EXITS:
+            return None
+        delay, self.delay = self.delay, min(self.delay * 2, RESTART_MAX_DELAY)
+        return delay
+
+
+class _Events:
+    """The event queue honcho's loop reads, each event shown first to `inspect`, which may replace it."""
+
+    def __init__(self, queue: Any, inspect: Callable[[Message], Message]) -> None:
+        self._queue = queue
+        self._inspect = inspect
+
+    def put(self, message: Message) -> None:
+        self._queue.put(message)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Message:
+        return self._inspect(self._queue.get(block, timeout))
+
+
 class _StackManager(Manager):  # type: ignore[misc]
-    """honcho's Manager with warm shutdown first and Celery's cold shutdown on a second Ctrl-C."""
+    """honcho's Manager with warm shutdown first and Celery's cold shutdown on a second Ctrl-C.
+
+    A process that exits while the stack runs is started again after a backoff instead of stopping
+    the stack (honcho's loop never sees that exit), unless it keeps failing right at start.
+    """
+
+    events: _Events
 
     def __init__(self, on_started: Callable[[], None], stopping: threading.Event) -> None:
         super().__init__()
         self._procmgr = _MainProcessSignals()
         self._on_started = on_started
         self._stopping = stopping
+        self.events = _Events(self.events, self._on_event)  # honcho's forks inherit it, unpickled
+        self._backoff: dict[str, _Backoff] = {}
+        self._waiting: dict[str, int] = {}  # exited on their own, to start again: name -> returncode
+        # Held while a process starts again and while terminate() begins: either the new PID is in
+        # _processes before _killall looks, or the restart sees the shutdown and starts nothing.
+        # Reentrant: a Ctrl-C handler can call terminate() while the main thread is inside it.
+        self._restarting = threading.RLock()
+
+    def _on_event(self, message: Message) -> Message:
+        """Note starts; turn an exit while the stack runs into a restart and one line saying so."""
+        name = message.name
+        if message.type == "start":
+            self._backoff.setdefault(name, _Backoff()).started = time.monotonic()
+        if message.type != "stop" or self._shutting_down():
+            return message
+        code = message.data["returncode"]
+        # As a container's end does: nothing of the dead process outlives it (prefork children).
+        _MainProcessSignals().kill(self._processes[name]["pid"])
+        delay = self._backoff.setdefault(name, _Backoff()).next_delay(time.monotonic())
+        if delay is None:
+            self._system_print(
+                f"{name} exited (rc={code}) {GIVE_UP_EXITS} times within {GIVE_UP_WINDOW:.0f} s: "
+                "it cannot start, stopping the stack\n"
+            )
+            return message  # honcho's loop stops everything, as for any exit before
+        self._waiting[name] = code
+        threading.Thread(target=self._start_again, args=(name, delay), daemon=True).start()
+        return Message(
+            "line",
+            f"{name} exited (rc={code}); restarting in {delay:.0f} s\n",
+            self._clock.now(),
+            SYSTEM_PRINTER_NAME,
+            None,
+        )
+
+    def _start_again(self, name: str, delay: float) -> None:
+        """After `delay`, start `name` with its command and environment and relay what it prints."""
+        self._stopping.wait(delay)
+        process = self._processes[name]["obj"]
+        with self._restarting:
+            code = self._waiting.pop(name, None)
+            if code is None:  # terminate() already counted it as stopped
+                return
+            if self._shutting_down():
+                self._processes[name]["returncode"] = code
+                return
+            child = Popen(process.cmd, env=process.env, cwd=process.cwd)
+            self._processes[name]["pid"] = child.pid
+        # What honcho's Process.run does in a forked process, here in this thread.
+        self._put(name, "start", {"pid": child.pid})
+        for line in iter(child.stdout.readline, b""):
+            self._put(name, "line", line)
+        child.stdout.close()
+        self._put(name, "stop", {"returncode": child.wait()})
+
+    def _shutting_down(self) -> bool:
+        # _stopping comes first: a signal sets it, and wakes _start_again, before it calls terminate().
+        return self._stopping.is_set() or bool(self._terminating)
+
+    def _put(self, name: str, kind: str, data: object) -> None:
+        colour = self._processes[name]["obj"].colour
+        self.events.put(Message(kind, data, self._clock.now(), name, colour))
+
+    def terminate(self) -> None:
+        with self._restarting:
+            while self._waiting:  # not running: nothing to signal, already stopped
+                name, code = self._waiting.popitem()
+                self._processes[name]["returncode"] = code
+            super().terminate()
 
     def _start(self) -> None:
         super()._start()
@@ -138,7 +257,12 @@ def _run_celery(stack: Stack, commands: dict[str, str]) -> int:
 
 def _announce_ready(stack: Stack, started: float, stopping: threading.Event) -> None:
     """Wait until both workers answer a ping and Flower answers, then write stack.env and say so."""
-    waiting = _wait_ready(stack, stopping)
+    try:
+        waiting = _wait_ready(stack, stopping)
+    except Exception:
+        if stopping.is_set():  # the stack stopped before it was ready, Redis with it: nothing to say
+            return
+        raise
     if stopping.is_set():
         return
     write_env_file(stack)
