@@ -12,8 +12,9 @@ from proj.settings import get_settings
 
 MASK = "**"
 # scheme://user:password@ (user may be empty: redis://:password@host); up to the last @ before the
-# path, so an unencoded @ in a password is masked too.
-_URL_PASSWORD = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^\s/]+@")
+# path, so an unencoded @ in a password is masked too. Bounded repeats: unbounded ones made the scan
+# quadratic over a long run of letters (hours for a 2 MB argument quoted in an error, under the GIL).
+_URL_PASSWORD = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]{0,31}://[^:/@\s]{0,256}:)[^\s/]{1,1024}@")
 # redis-py's own timeout is none: a check must never hang a process's start on a silent host.
 CHECK_TIMEOUT = 5.0
 

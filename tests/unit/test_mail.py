@@ -313,3 +313,13 @@ def test_pure_ascii_messages_declare_nothing(settings):
     assert raw.isascii()
     assert body_for(_Server("8bitmime"), raw) == (raw, [])
     assert body_for(_Server(), raw) == (raw, [])
+
+
+@pytest.mark.timeout(20)
+def test_scrubbing_a_long_run_of_letters_is_linear_not_quadratic():
+    from proj.credentials import mask_url
+
+    # 2 MB of letters took hours before the regex's repeats were bounded (and held the GIL).
+    text = "x" * 2_000_000 + " redis://user:s3cret@host:6379/0"
+    assert mask_url(text).endswith(" redis://user:**@host:6379/0")
+    assert mask_url("amqp://:p@ss@host/") == "amqp://:**@host/"
