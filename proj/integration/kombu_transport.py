@@ -14,10 +14,12 @@ Selected by `broker_transport` in celeryconfig (unless PROJ_STOCK_CELERY=1). Thr
 - Each event (`task-sent` on every `.delay()`, the worker's task events) waits for the reply to its
   PUBLISH. Events are best-effort monitoring data; they take the same unawaited connection.
 
-A consumer of a single queue list takes messages with BLMOVE into an inflight list of its own
-(proj.stores.inflight) instead of BRPOP + an unacked record: the message never leaves Redis, one
-write less runs before each task, and its ack is an LREM. Consumers of several lists (BLMOVE takes from
-one) keep kombu's BRPOP and unacked records, sent as kombu sends them, without waiting for replies.
+A consumer takes messages with BLMOVE into an inflight list of its own per queue
+(proj.stores.inflight) instead of BRPOP + an unacked record: the message never leaves Redis (a
+worker killed between BRPOP and its record lost the message), one write less runs before each task,
+and its ack is an LREM. A consumer of several lists first takes from the first that has a message
+(_TAKE_FIRST, one script) and blocks with BLMOVE on one list only when all are empty. Consumers
+without acks keep kombu's BRPOP and unacked records, sent without waiting for replies.
 """
 
 from __future__ import annotations
@@ -48,6 +50,15 @@ EVENT_EXCHANGE = "celeryev"
 # Where a consumer puts what it took but cannot read as a kombu message (not a task).
 UNREADABLE_KEY = setaside.KEY
 
+# Take a message from the first of several queue lists that has one, into that list's inflight list,
+# atomically. KEYS: queue list, inflight list, queue list, inflight list... Returns {n, item} or nil.
+_TAKE_FIRST = """
+for i = 1, #KEYS, 2 do
+  local item = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'RIGHT', 'LEFT')
+  if item then return {tostring((i + 1) / 2), item} end
+end
+return false
+"""
 # Seconds between takes while Redis refuses them (full under noeviction, a read-only replica).
 TAKE_REFUSED_WAIT = 1.0
 
@@ -190,7 +201,10 @@ class Channel(_RedisChannel):  # type: ignore[misc]
     _sync_client: Any = None
     _writer: UnawaitedWriter | None = None
     _registry: InflightLists | None = None
-    _taking: tuple[str, str] | None = None  # (queue, inflight list) of the BLMOVE awaiting its reply
+    # queue list -> (queue, inflight list) of the take awaiting its reply; None: kombu's BRPOP
+    _taking: dict[str, tuple[str, str]] | None = None
+    _blocking_on: str | None = None  # the list a BLMOVE waits on; None: the take-first script
+    _take_any_next = True  # several queues: try them all first (after a message or an empty wait)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.inflight_tags: dict[str, tuple[str, bytes]] = {}  # delivery tag -> (inflight list, message)
@@ -224,35 +238,53 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         return self._registry
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        """Take from a single queue list with BLMOVE into this consumer's inflight list, else BRPOP."""
+        """Take with BLMOVE (or the take-first script) into this consumer's inflight lists, else BRPOP."""
         self._check_unawaited()
         self._redo_refused_rejects()
-        queues = list(self.active_queues)
+        queues = self._queue_cycle.consume(len(self.active_queues))  # kombu's fair order
+        if not queues:
+            return
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
-        single = len(keys) == 1 and queues[0] not in self._no_ack_queues
-        if not single or self.unawaited_writer() is None:
+        if self.unawaited_writer() is None or any(queue in self._no_ack_queues for queue in queues):
             self._taking = None
             super()._brpop_start(timeout)
             return
-        inflight = self._inflight_lists.get(keys[0])
-        if inflight is None:  # registered before the first message can land in it
-            inflight = inflight_name(keys[0], self._token)
-            KEEPER.hold(self.inflight_registry(), inflight, keys[0], float(self.inflight_lease))
-            self._inflight_lists[keys[0]] = inflight
-        self._taking = (queues[0], inflight)
+        self._taking = {
+            key: (queue, self._inflight_for(key))
+            for key, queue in zip(keys, queues * len(self.priority_steps), strict=True)
+        }
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
         wait = self.brpop_timeout if timeout is None else timeout
-        self.client.connection.send_command("BLMOVE", keys[0], inflight, "RIGHT", "LEFT", wait or 0)
+        if len(keys) > 1 and self._take_any_next:
+            # Several queues: BLMOVE blocks on one list only, so first take from whichever has a
+            # message, atomically; only when all are empty block on one of them (in turn) briefly.
+            pairs = [word for key in keys for word in (key, self._taking[key][1])]
+            self._blocking_on = None
+            self.client.connection.send_command("EVAL", _TAKE_FIRST, len(pairs), *pairs)
+            return
+        self._blocking_on = keys[0]
+        self.client.connection.send_command(
+            "BLMOVE", keys[0], self._taking[keys[0]][1], "RIGHT", "LEFT", wait or 0
+        )
+
+    def _inflight_for(self, key: str) -> str:
+        """This channel's inflight list for the queue list `key`, registered before it is used."""
+        inflight = self._inflight_lists.get(key)
+        if inflight is None:
+            inflight = inflight_name(key, self._token)
+            KEEPER.hold(self.inflight_registry(), inflight, key, float(self.inflight_lease))
+            self._inflight_lists[key] = inflight
+        return inflight
 
     def _brpop_read(self, **options: Any) -> bool:
-        """Read the BLMOVE reply and deliver the message (kombu's BRPOP read otherwise)."""
+        """Read the BLMOVE (or take-first) reply and deliver the message (kombu's BRPOP read otherwise)."""
         if self._taking is None:
             return self._brpop_read_many(**options)
-        queue, inflight = self._taking
+        taking, blocking_on = self._taking, self._blocking_on
         try:
             try:
-                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+                reply = self.client.parse_response(self.client.connection, "BLMOVE", **options)
             except self.connection_errors:
                 self.client.connection.disconnect()  # kombu's way: reconnect on the next turn
                 raise
@@ -265,8 +297,14 @@ class Channel(_RedisChannel):  # type: ignore[misc]
                     time.monotonic() - self._refused_since,
                 )
                 self._refused_since = None
-            if not item:
+            if blocking_on is None:  # the take-first script: [index of the list, item] or nil
+                key, item = (None, None) if not reply else (list(taking)[int(reply[0]) - 1], reply[1])
+            else:
+                key, item = blocking_on, reply
+            self._take_any_next = bool(item) or blocking_on is not None
+            if not item or key is None:
                 raise Empty()
+            queue, inflight = taking[key]
             try:
                 payload = _kombu_message(item)
                 self.inflight_tags[payload["properties"]["delivery_tag"]] = (inflight, item)

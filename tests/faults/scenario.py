@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 #: Lines of this session, printed again at the end of the run (tests/conftest.py) so CI shows them.
 LINES: list[str] = []
@@ -53,3 +54,17 @@ def scaled(count: int) -> int:
     import os
 
     return max(1, int(count * float(os.environ.get("PROJ_FAULT_SCALE", "1"))))
+
+
+def settle(results: list[Any], timeout: float) -> list[Any]:
+    """Wait for every result within one shared deadline; return those still not ready."""
+    import contextlib
+    import time
+
+    from celery.exceptions import TimeoutError as NotReady
+
+    deadline = time.monotonic() + timeout
+    for result in results:
+        with contextlib.suppress(NotReady):
+            result.get(timeout=max(deadline - time.monotonic(), 0.1), propagate=False)
+    return [r for r in results if not r.ready()]

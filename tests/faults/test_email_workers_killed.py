@@ -15,13 +15,13 @@ import pytest
 from proj.mail import message_id_for
 from proj.settings import Settings
 from tests.conftest import smtp_env
-from tests.faults.scenario import Outcome, report, scaled
+from tests.faults.scenario import Outcome, report, scaled, settle
 from tests.harness import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
 
 EMAIL_QUEUES = "email,email_bulk"
-# A killed worker's messages come back after the visibility timeout (seconds here, minutes in
+# A killed worker's messages come back after its inflight lease (seconds here, a minute in
 # production); a redelivered copy waits out its first run's ledger window (2 x SMTP_TIMEOUT + 10 s).
 FAST_REDELIVERY = {
     "TASK_TIME_LIMIT": "4",
@@ -29,6 +29,7 @@ FAST_REDELIVERY = {
     "BROKER_MAX_COUNTDOWN": "1",
     "BROKER_VISIBILITY_TIMEOUT": "6",
     "BROKER_RESTORE_INTERVAL": "1",
+    "BROKER_INFLIGHT_LEASE": "6",
     "SMTP_TIMEOUT": "5",
 }
 KILLS = 3
@@ -42,14 +43,15 @@ def test_email_workers_sigkilled_three_times_lose_nothing(start_worker, smtp_ser
     from tasks.email import send_email
 
     env = {**smtp_env(smtp_server), **FAST_REDELIVERY}
-    doomed = start_worker(EMAIL_QUEUES, env=env, concurrency=4)
-    steady = start_worker(EMAIL_QUEUES, env=env, concurrency=4)
     total = scaled(2000)
     keys = [f"killed-{i}" for i in range(total)]
     results = [
         send_email.delay(to=f"k{i}@example.com", subject="s", text="t", idempotency_key=k)
         for i, k in enumerate(keys)
     ]
+    # The whole backlog waits before the workers start: each kill then finds work in flight.
+    doomed = start_worker(EMAIL_QUEUES, env=env, concurrency=4)
+    steady = start_worker(EMAIL_QUEUES, env=env, concurrency=4)
     handler = smtp_server.handler
     kills: list[float] = []
     for n in range(1, KILLS + 1):
@@ -67,8 +69,7 @@ def test_email_workers_sigkilled_three_times_lose_nothing(start_worker, smtp_ser
         doomed = start_worker(EMAIL_QUEUES, env=env, concurrency=4)
     last_kill = time.monotonic()
 
-    for result in results:
-        result.get(timeout=240, propagate=False)
+    stuck = settle(results, timeout=240)
     resumed_in = time.monotonic() - last_kill
     failed = [r for r in results if r.state != "SUCCESS"]
     firsts: dict[str, float] = {}
@@ -89,6 +90,7 @@ def test_email_workers_sigkilled_three_times_lose_nothing(start_worker, smtp_ser
             note=f"{len(in_window)} of the duplicates inside the accepted-but-not-recorded window",
         )
     )
+    assert not stuck, [(r.id, r.state) for r in stuck[:5]]
     assert steady.proc is not None and steady.proc.poll() is None
     assert not failed, [(r.id, r.state, r.result) for r in failed[:5]]
     assert set(inbox) == wanted
