@@ -41,8 +41,11 @@ end
 """
 )
 # KEYS: leases. ARGV: lease seconds, then inflight lists. Returns the lists whose lease was gone.
+# allow-oom (Redis 7): a full Redis (noeviction) must not let the leases of live workers run out, or
+# the sweep would hand their running tasks to other workers; renewing updates scores in place.
 _RENEW = (
-    _NOW
+    "#!lua flags=allow-oom\n"
+    + _NOW
     + """
 local lost = {}
 for i = 2, #ARGV do

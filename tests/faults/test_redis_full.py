@@ -79,3 +79,7 @@ def test_a_full_redis_refuses_callers_clearly_and_loses_nothing_accepted(
     assert not failed, [(r.id, r.state, r.result) for r in failed[:5]]
     assert set(inbox) == wanted and max(inbox.values()) == 1
     assert "Unrecoverable error" not in "".join(w.log() for w in workers)
+    twice = {i: n for i, n in runs.items() if n > 1 and i in {c.id for c in canaries}}
+    assert not twice, {
+        i: [ln for w in workers for ln in w.log().splitlines() if i in ln] for i in list(twice)[:2]
+    }
