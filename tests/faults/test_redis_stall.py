@@ -1,5 +1,7 @@
 """Redis stalled for 40 s (SIGSTOP, as a network stall looks to its clients) under load, then resumed.
 
+Load: 1,000 default tasks and 200 emails.
+
 Connections stay open and nothing answers: every client runs into its timeouts. Afterwards every
 worker must consume again, nothing may be lost, and no email the server accepted may be sent again
 because its ledger record could not be written during the stall.
@@ -28,7 +30,7 @@ def test_redis_stalled_40s_every_worker_consumes_again_and_nothing_is_lost(
 ):
     with fault_stack(worker_env, smtp_server, monkeypatch) as stack:
         client = stack.server.client()
-        defaults, emails = scaled(2000), scaled(300)
+        defaults, emails = scaled(1000), scaled(200)
         stack.canaries(defaults, hold=0.005)
         stack.emails(emails, "stall")
         wait_for(
