@@ -195,9 +195,23 @@ def smtp_server_tls(tls_ca: Any) -> Iterator[Any]:
     controller.stop()
 
 
+# Email workers consume both email queues, as in the local stack and compose.
+EMAIL_QUEUES = "email,email_bulk"
+# A killed worker's messages come back after the lease or visibility timeout: seconds here, minutes
+# in production; a redelivered copy waits out its first run's ledger window (2 x SMTP_TIMEOUT + 10 s).
+FAST_REDELIVERY = {
+    "TASK_TIME_LIMIT": "4",
+    "TASK_SOFT_TIME_LIMIT": "3",
+    "BROKER_MAX_COUNTDOWN": "1",
+    "BROKER_VISIBILITY_TIMEOUT": "6",
+    "BROKER_RESTORE_INTERVAL": "1",
+    "BROKER_INFLIGHT_LEASE": "6",
+}
+
+
 def smtp_env(controller: Any) -> dict[str, str]:
     """Worker environment that sends mail to `controller`."""
     return {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(controller.port)}
 
 
-__all__ = ["IN_CI", "ROOT", "smtp_env", "socket"]
+__all__ = ["EMAIL_QUEUES", "FAST_REDELIVERY", "IN_CI", "ROOT", "smtp_env", "socket"]

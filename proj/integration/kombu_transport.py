@@ -284,10 +284,7 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         taking, blocking_on = self._taking, self._blocking_on
         try:
             try:
-                reply = self.client.parse_response(self.client.connection, "BLMOVE", **options)
-            except self.connection_errors:
-                self.client.connection.disconnect()  # kombu's way: reconnect on the next turn
-                raise
+                reply = self._read_reply("BLMOVE", **options)
             except ResponseError as exc:  # BLMOVE writes: refused when Redis is full or read-only
                 self._take_refused(exc)
                 raise Empty() from None
@@ -318,6 +315,14 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             self._in_poll = None
             self._flush_brpop_reauth()
 
+    def _read_reply(self, command: str, **options: Any) -> Any:
+        """The reply to the pending take; on a broken connection, drop it (kombu reconnects next turn)."""
+        try:
+            return self.client.parse_response(self.client.connection, command, **options)
+        except self.connection_errors:
+            self.client.connection.disconnect()
+            raise
+
     def _brpop_read_many(self, **options: Any) -> bool:
         """kombu's BRPOP read, except that an item that is not a kombu message is set aside.
 
@@ -326,11 +331,7 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         the consumer; either way the item, already popped, is lost.
         """
         try:
-            try:
-                reply = self.client.parse_response(self.client.connection, "BRPOP", **options)
-            except self.connection_errors:
-                self.client.connection.disconnect()  # kombu's way: reconnect on the next turn
-                raise
+            reply = self._read_reply("BRPOP", **options)
             if not reply:
                 raise Empty()
             dest, item = reply

@@ -14,24 +14,12 @@ import pytest
 
 from proj.mail import message_id_for
 from proj.settings import Settings
-from tests.conftest import smtp_env
+from tests.conftest import EMAIL_QUEUES, FAST_REDELIVERY, smtp_env
 from tests.faults.scenario import Outcome, report, scaled, settle
 from tests.harness import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
 
-EMAIL_QUEUES = "email,email_bulk"
-# A killed worker's messages come back after its inflight lease (seconds here, a minute in
-# production); a redelivered copy waits out its first run's ledger window (2 x SMTP_TIMEOUT + 10 s).
-FAST_REDELIVERY = {
-    "TASK_TIME_LIMIT": "4",
-    "TASK_SOFT_TIME_LIMIT": "3",
-    "BROKER_MAX_COUNTDOWN": "1",
-    "BROKER_VISIBILITY_TIMEOUT": "6",
-    "BROKER_RESTORE_INTERVAL": "1",
-    "BROKER_INFLIGHT_LEASE": "6",
-    "SMTP_TIMEOUT": "5",
-}
 KILLS = 3
 # How long before a kill the first copy of a message sent twice may have arrived: the server's 250
 # and the worker's "sent" record are milliseconds apart, the rest is a loaded machine's scheduling.
@@ -42,7 +30,7 @@ WINDOW_BEFORE_KILL = 2.0
 def test_email_workers_sigkilled_three_times_lose_nothing(start_worker, smtp_server):
     from tasks.email import send_email
 
-    env = {**smtp_env(smtp_server), **FAST_REDELIVERY}
+    env = {**smtp_env(smtp_server), **FAST_REDELIVERY, "SMTP_TIMEOUT": "5"}  # a 20 s ledger window
     total = scaled(2000)
     keys = [f"killed-{i}" for i in range(total)]
     results = [

@@ -12,22 +12,11 @@ from proj.mail import message_id_for
 from proj.settings import Settings
 from proj.stores.inflight import InflightLists
 from proj.stores.ledger import Ledger
-from tests.conftest import smtp_env
+from tests.conftest import EMAIL_QUEUES, FAST_REDELIVERY, smtp_env
 from tests.harness import RedisServer, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.stock_too]
 
-EMAIL_QUEUES = "email,email_bulk"
-# A killed worker's messages come back after the lease or visibility timeout: short here, minutes in
-# production.
-FAST_REDELIVERY = {
-    "TASK_TIME_LIMIT": "4",
-    "TASK_SOFT_TIME_LIMIT": "3",
-    "BROKER_MAX_COUNTDOWN": "1",
-    "BROKER_VISIBILITY_TIMEOUT": "6",
-    "BROKER_RESTORE_INTERVAL": "1",
-    "BROKER_INFLIGHT_LEASE": "6",
-}
 # Bound of the waits on a loaded CI machine (2 busy cores): generous, since each ends on a condition.
 SLOW_MACHINE = 180
 
