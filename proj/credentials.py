@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 import redis
 
 from proj.settings import get_settings
+from proj.stores.connection import redis_client
 
 MASK = "**"
 # scheme://user:password@ (user may be empty: redis://:password@host); up to the last @ before the
@@ -54,7 +55,7 @@ def check_redis(url: str, timeout: float = CHECK_TIMEOUT) -> tuple[str, str]:
 
     Only a refusal is final: an unreachable Redis may come up later, wrong credentials never work.
     """
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    client = redis_client(url, socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         client.ping()
     except (redis.AuthenticationError, redis.AuthenticationWrongNumberOfArgsError) as exc:

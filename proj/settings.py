@@ -47,7 +47,9 @@ def _stall_window(environ: Mapping[str, str]) -> float:
 class Settings:
     """Everything the services need to know about their environment."""
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
+    # Master name for sentinel:// URLs (sentinel://host:26379;sentinel://host2:26379/0).
+    redis_sentinel_master: str = "mymaster"
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
     smtp_username: str = ""
@@ -152,6 +154,7 @@ class Settings:
             flower_port=_int(env, "FLOWER_PORT", cls.flower_port),
             redis_port=_int(env, "REDIS_PORT", cls.redis_port),
             redis_url_given=bool(env.get("CELERY_BROKER_URL") or env.get("REDIS_URL")),
+            redis_sentinel_master=env.get("REDIS_SENTINEL_MASTER", cls.redis_sentinel_master),
             stall_window=_stall_window(env),
         )
 

@@ -6,11 +6,11 @@ import argparse
 import datetime as dt
 import json
 
-import redis
 from rich.console import Console
 from rich.table import Table
 
 from proj.settings import get_settings
+from proj.stores.connection import redis_client
 from proj.stores.deadletters import DeadLetter, DeadLetterStore
 
 
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Carry out one dlq action."""
-    store = DeadLetterStore(redis.Redis.from_url(get_settings().redis_url))
+    store = DeadLetterStore(redis_client(get_settings().redis_url))
     console = Console()
     if args.action == "list":
         console.print(_table(store.list(args.limit), store.count()))

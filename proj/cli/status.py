@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         return _check(chosen, args.timeout)
     from proj.celery import app
 
-    client = redis.Redis.from_url(get_settings().redis_url)
+    client = redis_client(get_settings().redis_url)
     report: dict[str, Any] = {
         "queues": [asdict(s) for s in queue_stats(client, names)],
         "unacked": int(client.hlen(UNACKED_KEY)) + InflightLists(client).count(),

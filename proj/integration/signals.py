@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 @lru_cache(maxsize=1)
 def _store() -> DeadLetterStore:
     """One store per process, created on first failure rather than at import."""
-    return DeadLetterStore(redis.Redis.from_url(get_settings().redis_url))
+    return DeadLetterStore(redis_client(get_settings().redis_url))
 
 
 @lru_cache(maxsize=1)

@@ -22,6 +22,7 @@ from honcho.printer import Message
 from honcho.process import Popen
 
 from proj.stack.plan import Stack, StackError, write_env_file
+from proj.stores.connection import redis_client
 
 # Started before the Celery processes and stopped after them: a worker finishing its tasks on
 # Ctrl-C still needs Redis to ack them and SMTP to send the mail they are about.
@@ -326,7 +327,7 @@ def _wait_backing(proc: subprocess.Popen[bytes], name: str, log: Path, ready: Ca
 def _redis_ready(stack: Stack) -> Callable[[], bool]:
     import redis
 
-    client = redis.Redis.from_url(stack.redis_url, socket_connect_timeout=1)
+    client = redis_client(stack.redis_url, socket_connect_timeout=1)
 
     def ready() -> bool:
         try:

@@ -1,0 +1,92 @@
+"""proj's own Redis clients on sentinel:// URLs follow a failover (master SIGKILLed, replica promoted)."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import redis
+
+from proj.stores.connection import redis_client
+from proj.stores.ledger import Ledger
+from tests.harness import RedisServer, free_port, redis_binary, stop_process, wait_for
+
+pytestmark = pytest.mark.integration
+
+MASTER = "proj-test-master"
+
+
+class SentinelServer:
+    """`redis-server --sentinel` on a free loopback port, watching one master."""
+
+    def __init__(self, master_port: int) -> None:
+        self.port = free_port()
+        folder = Path(tempfile.mkdtemp(prefix="proj-sentinel-"))
+        self.config = folder / "sentinel.conf"
+        self.config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {folder}\n"
+            f"sentinel monitor {MASTER} 127.0.0.1 {master_port} 2\n"
+            f"sentinel down-after-milliseconds {MASTER} 1000\n"
+            f"sentinel failover-timeout {MASTER} 10000\n"
+        )
+        log = (folder / "sentinel.log").open("wb")
+        self.proc = subprocess.Popen(
+            [redis_binary(), str(self.config), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+        )
+        client = redis.Redis(port=self.port)
+        wait_for(lambda: _pings(client), timeout=15, what=f"sentinel on {self.port}")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_a_sentinel_url_client_follows_the_promotion_of_the_replica(monkeypatch):
+    master = RedisServer().start()
+    replica = RedisServer().start("--replicaof", "127.0.0.1", str(master.port))
+    sentinels = [SentinelServer(master.port) for _ in range(3)]
+    try:
+        monkeypatch.setenv("REDIS_SENTINEL_MASTER", MASTER)
+        from proj.settings import get_settings
+
+        get_settings.cache_clear()
+        url = ";".join(f"sentinel://127.0.0.1:{s.port}/0" for s in sentinels)
+        client = redis_client(url)
+        ledger = Ledger(client, "email", 60)
+        ledger.sent("before", "t1", {"message_id": "<a@x>"})
+        wait_for(lambda: replica.client().get("proj:ledger:email:before"), what="replication")
+
+        assert master.proc is not None
+        master.proc.kill()  # SIGKILL: the sentinels promote the replica
+        sentinel = redis.Redis(port=sentinels[0].port)
+        wait_for(
+            lambda: sentinel.sentinel_get_master_addr_by_name(MASTER)[1] == replica.port,
+            timeout=60,
+            what="the replica promoted",
+        )
+
+        def writes_after_failover() -> bool:
+            try:
+                ledger.sent("after", "t2", {"message_id": "<b@x>"})
+                return True
+            except redis.RedisError:
+                return False
+
+        wait_for(writes_after_failover, timeout=30, what="a write through the same client")
+        assert replica.client().get("proj:ledger:email:after")
+        assert ledger.get("before")["state"] == "sent"  # replicated before the failover
+    finally:
+        get_settings.cache_clear()
+        for server in sentinels:
+            server.stop()
+        replica.stop()
+        master.stop()
