@@ -109,7 +109,14 @@ broker_transport_options = {
     "retry_on_timeout": True,
 }
 # Celery reads the timeout from here too (celery#9339); keep them equal.
-result_backend_transport_options = {"visibility_timeout": broker_visibility_timeout}
+result_backend_transport_options: dict[str, object] = {"visibility_timeout": broker_visibility_timeout}
+# sentinel:// URLs (kombu's and Celery's Sentinel support) need the master's name; proj's own
+# clients read the same variable (proj.stores.connection).
+_sentinel_master = os.environ.get("REDIS_SENTINEL_MASTER", "mymaster")
+if broker_url.startswith("sentinel://"):
+    broker_transport_options["master_name"] = _sentinel_master
+if result_backend.startswith("sentinel://"):
+    result_backend_transport_options["master_name"] = _sentinel_master
 
 # One reserved message per process by default; workers for short tasks raise it per queue.
 worker_prefetch_multiplier = 1
