@@ -91,7 +91,8 @@ def test_flower_in_a_browser(local_stack: LocalStack, browser: Any, tmp_path: Pa
 
     page.get_by_role("link", name=failed_id).click()
     expect(page).to_have_url(f"{url}/task/{failed_id}")
-    expect(page.locator("body")).to_contain_text("TypeError")
+    # The task page shows the failure as the task raised it: a permanent error naming the bad argument.
+    expect(page.locator("body")).to_contain_text("hold must be a number of seconds")
 
     page.goto(f"{url}/workers")
     for worker in ("email-1@", "email-2@", "files@"):
