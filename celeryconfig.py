@@ -39,8 +39,12 @@ proj_stock_celery = _env_flag("PROJ_STOCK_CELERY")
 if not proj_stock_celery:
     if broker_url.startswith(("redis://", "rediss://")):
         broker_transport = "proj.integration.kombu_transport:Transport"
+    elif broker_url.startswith("sentinel://"):
+        broker_transport = "proj.integration.kombu_transport:SentinelTransport"
     override_backends = {
-        scheme: "proj.integration.result_backend:RedisBackend" for scheme in ("redis", "rediss")
+        "redis": "proj.integration.result_backend:RedisBackend",
+        "rediss": "proj.integration.result_backend:RedisBackend",
+        "sentinel": "proj.integration.result_backend:SentinelBackend",
     }
 
 # Pickle in a broker is remote code execution for whoever can write to Redis: JSON only.

@@ -35,6 +35,7 @@ from tornado.options import options
 
 import celeryconfig
 from proj.credentials import redis_refusal
+from proj.integration.kombu_transport import SentinelTransport as ProjSentinelTransport
 from proj.integration.kombu_transport import Transport as ProjTransport
 from proj.integration.startup import redis_urls
 
@@ -48,7 +49,10 @@ def require_auth_on_metrics() -> None:
 def broker_url_for_flower(connection: Connection, include_password: bool) -> str:
     """The connection's URL, with `redis` as scheme when it runs over proj's Redis transport."""
     url: str = connection.as_uri(include_password=include_password)
-    if issubclass(connection.get_transport_cls(), ProjTransport):
+    transport = connection.get_transport_cls()
+    if issubclass(transport, ProjSentinelTransport):
+        return "sentinel" + url[url.index("://") :]
+    if issubclass(transport, ProjTransport):
         return "redis" + url[url.index("://") :]
     return url
 

@@ -468,3 +468,17 @@ class Transport(kombu_redis.Transport):
     """The Redis transport with the channel above."""
 
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):  # type: ignore[misc]
+    """The channel above on the master that kombu's Sentinel channel finds (and finds again)."""
+
+    from_transport_options = tuple(
+        dict.fromkeys((*Channel.from_transport_options, *kombu_redis.SentinelChannel.from_transport_options))
+    )
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport with proj's channel (`sentinel://` URLs)."""
+
+    Channel = SentinelChannel

@@ -204,3 +204,7 @@ class RedisBackend(_celery.RedisBackend):  # type: ignore[misc]
         """Subscribe to the result before the task is published, as Celery does; remember that."""
         super().on_task_call(producer, task_id)
         self.result_consumer.subscribed_before_publish(task_id)
+
+
+class SentinelBackend(RedisBackend, _celery.SentinelBackend):  # type: ignore[misc]
+    """The backend above on the master Celery's Sentinel backend finds (`sentinel://` URLs)."""

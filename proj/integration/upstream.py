@@ -21,6 +21,8 @@ TESTED_WITH = {"celery": "5.7", "kombu": "5.7", "redis": "8.1", "flower": "2.2"}
 TOUCHED = {
     "kombu": [
         "kombu.transport.redis:Channel._brpop_start",
+        "kombu.transport.redis:SentinelChannel.from_transport_options",
+        "kombu.transport.redis:SentinelTransport",
         "kombu.transport.redis:Channel._brpop_read",
         "kombu.transport.redis:Channel._create_client",
         "kombu.transport.redis:Channel._put",
@@ -55,6 +57,7 @@ TOUCHED = {
         "kombu.connection:Connection.info",
     ],
     "celery": [
+        "celery.backends.redis:SentinelBackend",
         "celery.backends.redis:ResultConsumer._wait_for_pending",
         "celery.backends.redis:ResultConsumer._consume_from",
         "celery.backends.redis:ResultConsumer.on_state_change",

@@ -100,6 +100,7 @@ print(sum(1 for r in results if r.get(timeout=90)["hostname"]))
 """
 
 
+@pytest.mark.layer
 @pytest.mark.timeout(300)
 def test_a_worker_and_a_producer_on_sentinel_urls_go_on_after_a_failover(worker_env):
     import sys
@@ -136,6 +137,8 @@ def test_a_worker_and_a_producer_on_sentinel_urls_go_on_after_a_failover(worker_
             worker.command(), cwd=ROOT, env=env, stdout=worker.log_path.open("wb"), stderr=subprocess.STDOUT
         )
         assert produce(100) == 100
+        # proj's takes ran on Sentinel: the master holds the worker's registered inflight list.
+        assert master.client().hlen("proj.stores.inflight") == 1
         assert master.proc is not None
         master.proc.kill()
         sentinel = redis.Redis(port=sentinels[0].port)
@@ -146,6 +149,7 @@ def test_a_worker_and_a_producer_on_sentinel_urls_go_on_after_a_failover(worker_
         )
         assert produce(100) == 100  # the same worker, no restart
         assert worker.proc.poll() is None
+        assert "kombu_transport:SentinelTransport" in worker.log()  # proj's layer, not kombu's
     finally:
         worker.stop()
         for server in sentinels:
