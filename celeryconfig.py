@@ -62,6 +62,17 @@ task_queues = (
     Queue("files", _direct, routing_key="files"),
     Queue("default", _direct, routing_key="default"),
 )
+# RabbitMQ (amqp://): every queue a quorum queue, replicated and with a delivery limit, so a message
+# that kills its worker again and again is dropped after BROKER_DELIVERY_LIMIT redeliveries instead
+# of looping forever. Topic exchange: Celery's native delayed delivery (for quorum queues) routes
+# countdowns through RabbitMQ, so no worker holds a message unacknowledged past consumer_timeout.
+_amqp_broker = broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+if _amqp_broker:
+    _quorum = {"x-queue-type": "quorum", "x-delivery-limit": _env_int("BROKER_DELIVERY_LIMIT", 5)}
+    _topic = Exchange("proj", type="topic")
+    task_queues = tuple(  # type: ignore[assignment]  # the same four queues
+        Queue(q.name, _topic, routing_key=q.routing_key, queue_arguments=_quorum) for q in task_queues
+    )
 task_default_queue = "default"
 task_default_exchange = "proj"
 task_default_routing_key = "default"
@@ -112,6 +123,9 @@ broker_transport_options = {
     "socket_connect_timeout": 5,
     "retry_on_timeout": True,
 }
+if _amqp_broker:
+    # Only these apply to RabbitMQ: a publish returns once the broker has the message (at-least-once).
+    broker_transport_options = {"confirm_publish": True}
 # Celery reads the timeout from here too (celery#9339); keep them equal.
 result_backend_transport_options: dict[str, object] = {"visibility_timeout": broker_visibility_timeout}
 # sentinel:// URLs (kombu's and Celery's Sentinel support) need the master's name; proj's own

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from celery import Celery
-
 import celeryconfig
 import proj.integration.signals  # noqa: F401  (connects the dead-letter and publish-time handlers)
+from proj.integration.native_delay import Celery
 from proj.integration.parking import DelayedRelease
 from proj.integration.startup import CredentialCheck  # also makes beat check them (beat_init)
 from proj.integration.task_events import BatchedTaskEvents

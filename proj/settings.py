@@ -43,6 +43,17 @@ def _stall_window(environ: Mapping[str, str]) -> float:
     return window
 
 
+REDIS_BROKER_SCHEMES = ("redis://", "rediss://", "sentinel://")
+
+
+def _redis_url(environ: Mapping[str, str]) -> str:
+    """proj's own Redis: the broker's when it is Redis, else REDIS_URL (a RabbitMQ broker has no stores)."""
+    broker = environ.get("CELERY_BROKER_URL", "")
+    if broker.startswith(REDIS_BROKER_SCHEMES):
+        return broker
+    return environ.get("REDIS_URL", "")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the services need to know about their environment."""
@@ -117,7 +128,7 @@ class Settings:
             )
         local_dir = Path(env.get("PROJ_LOCAL_DIR", ".local"))
         return cls(
-            redis_url=env.get("CELERY_BROKER_URL") or env.get("REDIS_URL") or cls.redis_url,
+            redis_url=_redis_url(env) or cls.redis_url,
             smtp_host=env.get("SMTP_HOST", cls.smtp_host),
             smtp_port=_int(env, "SMTP_PORT", cls.smtp_port),
             smtp_username=env.get("SMTP_USERNAME", ""),
@@ -153,7 +164,7 @@ class Settings:
             flower_password=env.get("FLOWER_PASSWORD", ""),
             flower_port=_int(env, "FLOWER_PORT", cls.flower_port),
             redis_port=_int(env, "REDIS_PORT", cls.redis_port),
-            redis_url_given=bool(env.get("CELERY_BROKER_URL") or env.get("REDIS_URL")),
+            redis_url_given=bool(_redis_url(env)),
             redis_sentinel_master=env.get("REDIS_SENTINEL_MASTER", cls.redis_sentinel_master),
             stall_window=_stall_window(env),
         )

@@ -12,12 +12,12 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from proj.settings import get_settings
+from proj.settings import REDIS_BROKER_SCHEMES, get_settings
 from proj.stores.connection import redis_client
 from proj.stores.consumption import stalled_queues
 from proj.stores.deadletters import DeadLetterStore
 from proj.stores.inflight import InflightLists
-from proj.stores.queues import UNACKED_KEY, queue_stats
+from proj.stores.queues import UNACKED_KEY, broker_queue_stats, queue_stats
 from proj.stores.setaside import SetAsideStore
 
 
@@ -52,12 +52,20 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             print(f"not a declared queue: {', '.join(unknown)}")
             return 1
+        if not celeryconfig.broker_url.startswith(REDIS_BROKER_SCHEMES):
+            print("stall check not available: it reads Redis queue lists and the broker is not Redis")
+            return 0
         return _check(chosen, args.timeout)
     from proj.celery import app
 
     client = redis_client(get_settings().redis_url)
+    if celeryconfig.broker_url.startswith(REDIS_BROKER_SCHEMES):
+        stats = queue_stats(client, names)
+    else:
+        with app.connection_for_read() as connection:
+            stats = broker_queue_stats(connection, names)
     report: dict[str, Any] = {
-        "queues": [asdict(s) for s in queue_stats(client, names)],
+        "queues": [asdict(s) for s in stats],
         "unacked": int(client.hlen(UNACKED_KEY)) + InflightLists(client).count(),
         "dead_letters": DeadLetterStore(client).count(),
         "set_aside": SetAsideStore(client).count(),

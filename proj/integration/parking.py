@@ -22,6 +22,7 @@ import redis
 from celery import Task, bootsteps
 from celery.exceptions import Retry
 from kombu import Connection, Producer
+from kombu.transport import virtual
 from kombu.utils.json import dumps
 
 from proj.integration.requeue import requeue_instead
@@ -63,6 +64,12 @@ def parking_transport(transport_cls: Any) -> type:
     return parking
 
 
+def parks_on(connection: Any) -> bool:
+    """Whether long delays park here: on Redis transports only. RabbitMQ holds them itself (Celery's
+    native delayed delivery for quorum queues, celeryconfig), so no worker holds them unacknowledged."""
+    return isinstance(connection.transport, virtual.Transport) and connection.transport.driver_type == "redis"
+
+
 def due_in(headers: dict[str, Any] | None) -> float:
     """Seconds until the message with these headers is due (0 for a message without an ETA)."""
     eta = (headers or {}).get("eta")
@@ -78,9 +85,13 @@ class ParkingProducer(Producer):
     def publish(self, body: Any, routing_key: Any = None, *args: Any, **kwargs: Any) -> Any:
         """Publish as kombu does, or into the delayed set when the message is due far ahead."""
         park_after = None if self.app_conf is None else self.app_conf.get(PARK_AFTER_SETTING)
-        if park_after is None or due_in(kwargs.get("headers")) <= float(park_after):
-            return super().publish(body, routing_key, *args, **kwargs)
         connection: Any = self.connection
+        if (
+            park_after is None
+            or not parks_on(connection)
+            or due_in(kwargs.get("headers")) <= float(park_after)
+        ):
+            return super().publish(body, routing_key, *args, **kwargs)
         # Connection, not clone(): a pooled connection's class needs its pool.
         settings = {**connection.info(), "transport": parking_transport(type(connection.transport))}
         with Connection(**settings) as parking:
@@ -107,6 +118,19 @@ def reschedule(
     raise Retry(reason, when=countdown, sig=signature)  # type: ignore[arg-type]
 
 
+def declare_all_queues(app: Any) -> None:
+    """Declare every queue of the app, not only the consumed ones: Celery's native delayed delivery
+    binds them all at worker start and logs an error for each that does not exist yet."""
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=3)
+            channel = connection.default_channel
+            for queue in app.amqp.queues.values():
+                queue.bind(channel).declare()
+    except Exception as exc:  # the worker's own declaration and reconnects take over from here
+        logger.warning("Could not declare the queues for delayed delivery: %s", exc)
+
+
 class DelayedRelease(bootsteps.StartStopStep):
     """Worker step: every RELEASE_INTERVAL, move due delayed messages onto their queues."""
 
@@ -118,6 +142,13 @@ class DelayedRelease(bootsteps.StartStopStep):
         self.delayed: DelayedSet | None = None
 
     def start(self, worker: Any) -> None:
+        with worker.app.connection_for_write() as connection:
+            parks = parks_on(connection)
+        if not parks:
+            # RabbitMQ: nothing is parked (see parks_on), and the release pushes onto Redis lists.
+            logger.info("Delayed release off: the broker holds delayed messages itself")
+            declare_all_queues(worker.app)
+            return
         self.delayed = DelayedSet(redis_client(worker.app.conf.broker_url))
         self.tref = worker.timer.call_repeatedly(RELEASE_INTERVAL, self.release)
 

@@ -27,7 +27,7 @@ import redis
 from celery import bootsteps, signals
 from celery.worker import state
 
-from proj.settings import get_settings
+from proj.settings import REDIS_BROKER_SCHEMES, get_settings
 from proj.stores.connection import redis_client
 from proj.stores.consumption import ConsumptionStamps
 from proj.stores.queues import queue_stats
@@ -108,6 +108,10 @@ class ConsumerWatchdog(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         if self.window <= 0:
+            return
+        if not worker.app.conf.broker_url.startswith(REDIS_BROKER_SCHEMES):
+            # It reads Redis queue lists; on RabbitMQ, consumer_timeout and heartbeats cover a stuck consumer.
+            logger.info("Consumer watchdog off: it reads Redis queue lists and the broker is not Redis")
             return
         self.worker = worker
         # Its own client: the worker's connections are the ones that may be stuck. A timeout here

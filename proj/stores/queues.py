@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -44,3 +45,11 @@ def _age(raw: bytes | None, now: float) -> float | None:
     except (ValueError, KeyError, TypeError):
         return None  # published by something that does not stamp the time
     return max(0.0, now - float(sent_at))
+
+
+def broker_queue_stats(connection: Any, names: list[str]) -> list[QueueStat]:
+    """Depth of each queue as the broker counts it (a passive declare; RabbitMQ): no oldest age."""
+    channel = connection.default_channel
+    return [
+        QueueStat(name, int(channel.queue_declare(name, passive=True).message_count), None) for name in names
+    ]

@@ -150,3 +150,57 @@ def test_proj_stock_celery_switches_every_replacement(switch, expected):
 def test_a_mistyped_switch_is_refused_at_import():
     proc = _python("import celeryconfig", {"PROJ_STOCK_CELERY": "maybe"})
     assert proc.returncode != 0 and "PROJ_STOCK_CELERY must be 1 or 0" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"CELERY_BROKER_URL": "redis://b:6379/0", "REDIS_URL": "redis://r:6379/0"}, "redis://b:6379/0"),
+        (
+            {"CELERY_BROKER_URL": "sentinel://s:26379/0", "REDIS_URL": "redis://r:6379/0"},
+            "sentinel://s:26379/0",
+        ),
+        (
+            {"CELERY_BROKER_URL": "amqp://guest:guest@q:5672/v", "REDIS_URL": "redis://r:6379/0"},
+            "redis://r:6379/0",
+        ),
+        ({"CELERY_BROKER_URL": "amqp://q:5672//"}, "redis://127.0.0.1:6379/0"),
+        ({"REDIS_URL": "redis://r:6379/0"}, "redis://r:6379/0"),
+    ],
+)
+def test_proj_stores_use_the_broker_only_when_it_is_redis(env, expected):
+    from proj.settings import Settings
+
+    assert Settings.from_env(env).redis_url == expected
+
+
+def test_a_rabbitmq_broker_makes_every_queue_a_quorum_queue_on_a_topic_exchange():
+    code = (
+        "import celeryconfig as c; "
+        "print(sorted((q.name, q.exchange.type, q.queue_arguments['x-queue-type'], "
+        "q.queue_arguments['x-delivery-limit']) for q in c.task_queues), c.broker_transport_options)"
+    )
+    env = {
+        "PATH": "",
+        "CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/v",
+        "BROKER_DELIVERY_LIMIT": "3",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    expected = sorted((name, "topic", "quorum", 3) for name in DECLARED_QUEUES)
+    assert out.stdout.strip() == f"{expected} {{'confirm_publish': True}}"
+
+
+@pytest.mark.parametrize(
+    ("countdown", "eta_in", "expected"),
+    [(0.4, None, (1, None)), (1.5, None, (1.5, None)), (None, 0.3, (1, None)), (0, None, (0, None))],
+)
+def test_a_sub_second_delay_becomes_one_second_for_native_delayed_delivery(countdown, eta_in, expected):
+    from datetime import UTC, datetime, timedelta
+
+    from proj.integration.native_delay import whole_second_delay
+
+    now = datetime.now(UTC)
+    eta = None if eta_in is None else now + timedelta(seconds=eta_in)
+    assert whole_second_delay(countdown, eta, now) == expected
