@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -168,3 +169,30 @@ def test_a_countdown_past_the_broker_limit_waits_in_rabbitmq_not_in_a_worker(
     assert datetime.fromisoformat(answer["ran_at"]).timestamp() >= sent + 3  # whole seconds (Celery)
     # Under a second: one second (kombu refuses a delay that truncates to 0).
     assert amqp_app.send_task(CANARY, countdown=0.4).get(timeout=30)["hostname"] == worker.nodename
+
+
+def test_status_reads_queue_depths_from_rabbitmq(amqp_worker, amqp_app, amqp_url, worker_env):
+    worker = amqp_worker("default", pool="solo", concurrency=1)
+    worker.stop()
+    amqp_app.send_task(CANARY, queue="files")  # nobody consumes files here: it waits
+    env = {**worker_env, "CELERY_BROKER_URL": amqp_url}
+    status = subprocess.run(
+        [sys.executable, "-m", "proj.cli.main", "status", "--json", "--timeout", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    report = json.loads(status.stdout)
+    depths = {queue["name"]: queue["depth"] for queue in report["queues"]}
+    assert depths == {"email": 0, "email_bulk": 0, "files": 1, "default": 0}, status.stderr
+    check = subprocess.run(
+        [sys.executable, "-m", "proj.cli.main", "status", "--check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0 and "not available" in check.stdout
