@@ -196,3 +196,19 @@ def test_status_reads_queue_depths_from_rabbitmq(amqp_worker, amqp_app, amqp_url
         timeout=60,
     )
     assert check.returncode == 0 and "not available" in check.stdout
+
+
+def test_a_poison_message_is_dropped_after_the_delivery_limit(amqp_app):
+    # What a task that kills its worker each time amounts to: the message comes back, again and again.
+    queue = amqp_app.amqp.queues["email_bulk"]
+    limit = queue.queue_arguments["x-delivery-limit"]
+    with amqp_app.connection_for_write() as connection:
+        bound = queue.bind(connection.default_channel)
+        bound.declare()
+        bound.purge()
+        connection.Producer().publish({"poison": True}, exchange=queue.exchange, routing_key="email_bulk")
+        # The first delivery and `limit` returns; the next return goes over the limit.
+        for _ in range(limit + 1):
+            wait_for(lambda: bound.get(no_ack=False), timeout=10, what="a delivery").reject(requeue=True)
+        time.sleep(1)
+        assert bound.get(no_ack=False) is None  # dropped, not delivered a (limit + 2)nd time
