@@ -45,8 +45,10 @@ def test_a_round_trip_through_a_real_worker_reads_no_result_with_get(start_worke
     # The worker stored STARTED and SUCCESS of each task with one script call each, the script's
     # GET being the only one: the caller waited on the published result without reading it first.
     # Celery's backend: a GET + a MULTI/SET/PUBLISH per store, and a GET per .get() (60 GETs).
-    assert scripts == 2 * 20
-    assert gets == scripts
+    # Other scripts run on timers meanwhile (the delayed-set release every second, lease renewals,
+    # sweeps) and none of them GETs: on a slow machine they add script calls, never GETs.
+    assert gets == 2 * 20
+    assert scripts >= gets
 
 
 def test_a_stored_success_is_never_overwritten(celery_app, redis_client):
