@@ -3,50 +3,16 @@
 from __future__ import annotations
 
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 import redis
 
 from proj.stores.connection import redis_client
 from proj.stores.ledger import Ledger
-from tests.harness import RedisServer, free_port, redis_binary, stop_process, wait_for
+from tests.faults.sentinel import MASTER, SentinelServer
+from tests.harness import RedisServer, wait_for
 
 pytestmark = pytest.mark.integration
-
-MASTER = "proj-test-master"
-
-
-class SentinelServer:
-    """`redis-server --sentinel` on a free loopback port, watching one master."""
-
-    def __init__(self, master_port: int) -> None:
-        self.port = free_port()
-        folder = Path(tempfile.mkdtemp(prefix="proj-sentinel-"))
-        self.config = folder / "sentinel.conf"
-        self.config.write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndir {folder}\n"
-            f"sentinel monitor {MASTER} 127.0.0.1 {master_port} 2\n"
-            f"sentinel down-after-milliseconds {MASTER} 1000\n"
-            f"sentinel failover-timeout {MASTER} 10000\n"
-        )
-        log = (folder / "sentinel.log").open("wb")
-        self.proc = subprocess.Popen(
-            [redis_binary(), str(self.config), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
-        )
-        client = redis.Redis(port=self.port)
-        wait_for(lambda: _pings(client), timeout=15, what=f"sentinel on {self.port}")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 @pytest.mark.timeout(120)
