@@ -33,8 +33,8 @@ from functools import partial
 from queue import Empty
 from typing import Any
 
+from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
-from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis.exceptions import ResponseError
@@ -482,3 +482,9 @@ class SentinelTransport(kombu_redis.SentinelTransport):
     """kombu's Sentinel transport with proj's channel (`sentinel://` URLs)."""
 
     Channel = SentinelChannel
+
+
+# kombu's failover moves a connection on to the next `;`-separated URL and picks its transport by
+# the scheme, and `sentinel` names kombu's own: after a failover a worker would run without proj's
+# layer (inflight lists, refused writes waited out). Once proj's transport is loaded, it is `sentinel`.
+TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"
