@@ -67,8 +67,8 @@ def _ready(worker: WorkerProcess) -> bool:
 
 
 @pytest.mark.timeout(600)
-# MIN_REPLICAS is not a run yet: with it three of the four workers exit at the failover
-# (NOREPLICAS is no refused write they wait out); docs/sentinel.md has the measurement.
+# MIN_REPLICAS is not a run yet: with it the email workers exit at the failover (NOREPLICAS on a
+# reconnect's queue bind is no refused write they wait out); docs/sentinel.md has the measurement.
 @pytest.mark.parametrize("master_args", [()], ids=["async"])
 def test_workers_producer_and_flower_follow_a_sentinel_failover(
     worker_env, smtp_server, tmp_path: Path, master_args: tuple[str, ...]
@@ -205,3 +205,14 @@ def test_workers_producer_and_flower_follow_a_sentinel_failover(
             server.stop()
         replica.stop()
         master.stop()
+
+
+def test_a_switch_to_the_next_sentinel_url_keeps_procs_transport():
+    """kombu's failover picks an alternate URL's transport by its scheme: `sentinel` must be proj's."""
+    from kombu import Connection
+
+    from proj.integration.kombu_transport import SentinelTransport
+
+    connection = Connection("sentinel://127.0.0.1:1/0;sentinel://127.0.0.1:2/0", transport=SentinelTransport)
+    connection.switch(connection.alt[1])
+    assert type(connection.transport) is SentinelTransport
