@@ -1,4 +1,4 @@
-"""Celery settings for proj, read from the environment; see README.md for each variable."""
+"""Celery settings for proj, read from the environment; docs/configuration.md describes each variable."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ event_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 
-# One queue per workload so each gets the pool it needs (README.md, "Queues").
+# One queue per workload so each gets the pool it needs (docs/configuration.md, "Queues").
 _direct = Exchange("proj", type="direct")
 task_queues = (
     Queue("email", _direct, routing_key="email"),
