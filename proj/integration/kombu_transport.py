@@ -76,7 +76,12 @@ def _kombu_message(item: bytes) -> dict[str, Any]:
     payload: dict[str, Any] = loads(bytes_to_str(item))
     properties = payload["properties"]
     delivery = properties["delivery_info"]
-    if not (properties["delivery_tag"] and isinstance(delivery["exchange"], str) and delivery["routing_key"]):
+    # An empty exchange or routing key is valid (the default exchange, a queue bound without a key).
+    if not (
+        properties["delivery_tag"]
+        and isinstance(delivery["exchange"], str)
+        and isinstance(delivery["routing_key"], str)
+    ):
         raise ValueError("no delivery tag, exchange or routing key")
     return payload
 
@@ -137,9 +142,10 @@ class QoS(kombu_redis.QoS):
         """Let the message's unacked record land first: a requeue reads it back from Redis.
 
         A reject Redis refuses (full: under noeviction it refuses even a MULTI of removals; a
-        read-only replica) or cannot take (unreachable) never reaches the consumer loop: the message
-        stays in Redis, in its inflight list or under its unacked record, and the reject is tried
-        again before the next take (and, failing that, the lease or restore sweep puts it back).
+        read-only replica) never reaches the consumer loop: the message stays in Redis, in its
+        inflight list or under its unacked record, and the reject is tried again before the next
+        take. One Redis cannot take (unreachable) raises, as kombu's does: Celery logs it, and the
+        message stays unacked for a later reject, the restore on close, or the sweep.
         """
         channel: Any = self.channel
         taken = channel.inflight_tags.pop(delivery_tag, None)
@@ -152,9 +158,15 @@ class QoS(kombu_redis.QoS):
         try:
             channel.flush_unawaited()
             redo()
-        except (ResponseError, *channel.connection_errors) as exc:
+        except ResponseError as exc:  # refused (full, read-only), not a lost connection
             logger.warning("Could not reject %s (%s); trying again before the next take", delivery_tag, exc)
             channel.redo_later(redo)
+        except BaseException:
+            # kombu's contract: a reject that fails otherwise raises (Celery logs connection errors)
+            # and the message stays unacked, to be rejected again or restored on close.
+            if taken is not None:
+                channel.inflight_tags[delivery_tag] = taken
+            raise
         virtual.QoS.ack(self, delivery_tag)
 
     def _reject_unacked(self, delivery_tag: str, requeue: bool) -> None:
