@@ -227,3 +227,15 @@ class EventMonitor:
             self._thread.join(10)
             self._connection.release()
         return [e for e in self.events if e["uuid"] in wanted]
+
+
+def run_proj(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """Run the `proj` command (`python -m proj.cli.main ARGS`) as a user would, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "proj.cli.main", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import pickle
-import subprocess
-import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -25,7 +23,7 @@ from proj.stores.queues import UNACKED_KEY
 from proj.stores.setaside import KEY as SET_ASIDE_KEY
 from tests.conftest import smtp_env
 from tests.faults.scenario import Outcome, report
-from tests.harness import ROOT, wait_for
+from tests.harness import run_proj, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -184,14 +182,7 @@ def test_malformed_messages_on_every_queue_are_set_aside_and_the_workers_go_on(
     # Each one is in a worker's log, and `proj status` counts them.
     logs = "\n".join(w.log() for w in workers)
     assert logs.count("Set aside a message from") + logs.count("Not a kombu message in") == len(pushed)
-    status = subprocess.run(
-        [sys.executable, "-m", "proj.cli.main", "status", "--json", "--timeout", "2"],
-        cwd=ROOT,
-        env=worker_env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    status = run_proj(worker_env, "status", "--json", "--timeout", "2", timeout=90)
     assert json.loads(status.stdout)["set_aside"] == len(pushed), status.stderr
 
     report(

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
 import redis
 
 from proj.integration.kombu_transport import UNREADABLE_KEY
 from proj.stores.inflight import LEASES_KEY, REGISTRY_KEY, InflightLists
-from tests.harness import ROOT, EventMonitor, wait_for
+from tests.harness import EventMonitor, run_proj, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.layer]
 
@@ -37,14 +35,7 @@ def test_a_running_task_is_in_its_workers_inflight_list_and_leaves_it_when_done(
     assert queue == "default" and not others
     assert [json.loads(m)["headers"]["id"] for m in redis_client.lrange(inflight, 0, -1)] == [result.id]
     assert redis_client.llen("default") == 0 and redis_client.hlen("unacked") == 0
-    status = subprocess.run(
-        [sys.executable, "-m", "proj.cli.main", "status", "--json", "--timeout", "1"],
-        cwd=ROOT,
-        env=worker_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    status = run_proj(worker_env, "status", "--json", "--timeout", "1", timeout=60)
     assert json.loads(status.stdout)["unacked"] == 1
 
     assert result.get(timeout=20)["queue"] == "default"

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ import pytest
 
 from proj.stores.delayed import DelayedSet
 from tests.conftest import EMAIL_QUEUES, smtp_env
-from tests.harness import IN_CI, ROOT, WorkerProcess, free_port, wait_for
+from tests.harness import IN_CI, ROOT, WorkerProcess, free_port, run_proj, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -176,25 +175,11 @@ def test_status_reads_queue_depths_from_rabbitmq(amqp_worker, amqp_app, amqp_url
     worker.stop()
     amqp_app.send_task(CANARY, queue="files")  # nobody consumes files here: it waits
     env = {**worker_env, "CELERY_BROKER_URL": amqp_url}
-    status = subprocess.run(
-        [sys.executable, "-m", "proj.cli.main", "status", "--json", "--timeout", "1"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    status = run_proj(env, "status", "--json", "--timeout", "1", timeout=60)
     report = json.loads(status.stdout)
     depths = {queue["name"]: queue["depth"] for queue in report["queues"]}
     assert depths == {"email": 0, "email_bulk": 0, "files": 1, "default": 0}, status.stderr
-    check = subprocess.run(
-        [sys.executable, "-m", "proj.cli.main", "status", "--check"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    check = run_proj(env, "status", "--check", timeout=60)
     assert check.returncode == 0 and "not available" in check.stdout
 
 

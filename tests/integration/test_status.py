@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.harness import ROOT
+from tests.harness import run_proj
 
 pytestmark = pytest.mark.integration
 
 
 def _status(env, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "proj.cli.main", "status", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    return run_proj(env, "status", *args, timeout=90)
 
 
 def test_status_reports_depth_age_workers_and_probes(start_worker, celery_app, worker_env):

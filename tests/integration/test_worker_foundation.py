@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import pickle
 import signal
-import subprocess
-import sys
 import uuid
 
 import pytest
 
 from proj.stores.deadletters import DeadLetterStore
-from tests.harness import ROOT, wait_for
+from tests.harness import run_proj, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.stock_too]
 
@@ -123,24 +121,10 @@ def test_dlq_replay_from_the_cli_runs_the_task_again(start_worker, celery_app, r
             message="gave up",
         )
     )
-    listed = subprocess.run(
-        [sys.executable, "-m", "proj.cli.main", "dlq", "list"],
-        cwd=ROOT,
-        env=worker_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    listed = run_proj(worker_env, "dlq", "list", timeout=60)
     assert "dead-1" in listed.stdout and "gave up" in listed.stdout
     start_worker("default", concurrency=1)
-    replay = subprocess.run(
-        [sys.executable, "-m", "proj.cli.main", "dlq", "replay", "dead-1"],
-        cwd=ROOT,
-        env=worker_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    replay = run_proj(worker_env, "dlq", "replay", "dead-1", timeout=60)
     assert replay.returncode == 0, replay.stderr
     new_id = replay.stdout.strip().split()[-1]
     assert celery_app.AsyncResult(new_id).get(timeout=20)["queue"] == "default"
