@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import celeryconfig
 import proj.integration.signals  # noqa: F401  (connects the dead-letter and publish-time handlers)
+from proj.integration.kombu_transport import keep_proj_transport_on_failover
 from proj.integration.native_delay import Celery
 from proj.integration.parking import DelayedRelease
 from proj.integration.startup import CredentialCheck  # also makes beat check them (beat_init)
@@ -28,6 +29,8 @@ app.steps["worker"].add(DelayedRelease)
 # Every worker exits (to be restarted) when its consumer stops taking messages (docs/operations.md).
 app.steps["worker"].add(ConsumerWatchdog)
 if not STOCK:
+    # A Sentinel failover keeps proj's transport (kombu re-resolves the scheme of the next URL).
+    keep_proj_transport_on_failover()
     # Celery reads override_backends when the configuration loads; a process whose first use of the
     # app is AsyncResult(id).get() resolves its backend before that when CELERY_RESULT_BACKEND is set.
     app.loader.override_backends = dict(celeryconfig.override_backends)

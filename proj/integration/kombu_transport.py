@@ -496,7 +496,11 @@ class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
 
 
-# kombu's failover moves a connection on to the next `;`-separated URL and picks its transport by
-# the scheme, and `sentinel` names kombu's own: after a failover a worker would run without proj's
-# layer (inflight lists, refused writes waited out). Once proj's transport is loaded, it is `sentinel`.
-TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"
+def keep_proj_transport_on_failover() -> None:
+    """Make `sentinel` name proj's Sentinel transport (the app calls this unless PROJ_STOCK_CELERY=1).
+
+    kombu's failover moves a connection on to the next `;`-separated URL and picks its transport by
+    the scheme, and `sentinel` names kombu's own: after a failover a worker would run without proj's
+    layer (inflight lists, refused writes waited out).
+    """
+    TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"

@@ -22,6 +22,7 @@ TOUCHED = {
     "kombu": [
         "kombu.transport.redis:Channel._brpop_start",
         "kombu.transport.redis:SentinelChannel.from_transport_options",
+        "kombu.transport:TRANSPORT_ALIASES",
         "kombu.transport.redis:SentinelTransport",
         "kombu.transport.redis:Channel._brpop_read",
         "kombu.transport.redis:Channel._create_client",

@@ -211,6 +211,7 @@ def test_a_switch_to_the_next_sentinel_url_keeps_procs_transport():
     """kombu's failover picks an alternate URL's transport by its scheme: `sentinel` must be proj's."""
     from kombu import Connection
 
+    import proj.celery  # noqa: F401  (the app registers the alias unless PROJ_STOCK_CELERY=1)
     from proj.integration.kombu_transport import SentinelTransport
 
     connection = Connection("sentinel://127.0.0.1:1/0;sentinel://127.0.0.1:2/0", transport=SentinelTransport)
