@@ -68,6 +68,31 @@ def tar_of(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:
     return path
 
 
+def v7_tar_of(path: Path, members: dict[str, bytes]) -> Path:
+    """A tar in the old V7 format: no `ustar` marker at offset 257, only a header checksum."""
+    buffer = io.BytesIO()
+    _ustar_into(buffer, members)
+    raw = bytearray(buffer.getvalue())
+    offset = 0
+    while offset < len(raw) and raw[offset]:
+        size = int(raw[offset + 124 : offset + 136].rstrip(b"\x00 ") or b"0", 8)
+        raw[offset + 257 : offset + 265] = bytes(8)  # magic and version: V7 has neither
+        raw[offset + 148 : offset + 156] = b" " * 8
+        raw[offset + 148 : offset + 156] = b"%06o\x00 " % sum(raw[offset : offset + 512])
+        offset += 512 + (size + 511) // 512 * 512
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _ustar_into(handle: io.BytesIO, members: dict[str, bytes]) -> None:
+    """Write an uncompressed ustar of regular files to `handle`."""
+    with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
 def tar_with_special(path: Path, kind: bytes, name: str = "evil", link: str = "/etc/passwd") -> Path:
     """A tar with one symlink (SYMTYPE), hard link (LNKTYPE) or device (CHRTYPE/BLKTYPE) member."""
     with tarfile.open(path, "w") as archive:

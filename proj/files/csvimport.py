@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from proj.errors import InvalidFileError
-from proj.files.sniff import SNIFF_BYTES, csv_delimiter
+from proj.files.sniff import csv_delimiter, read_csv_sample, sample_is_whole
 from proj.files.storage import ProgressCallback, Storage, derived_key, io_errors, no_progress
 
 REPORT_HEADER = ("line", "error", "fields")
@@ -57,7 +57,7 @@ def import_csv(
         path = storage.file(key)
         total = path.stat().st_size
         with path.open("rb") as raw, storage.writer(report_key) as report_raw:
-            delimiter = _dialect(raw.read(SNIFF_BYTES))
+            delimiter = _dialect(read_csv_sample(raw))
             raw.seek(0)
             report_text = io.TextIOWrapper(report_raw, encoding="utf-8", newline="")
             stats = _scan(raw, total, delimiter, max_field, csv.writer(report_text), on_progress)
@@ -69,7 +69,8 @@ def import_csv(
 
 def _dialect(sample: bytes) -> str:
     """Guess the delimiter from the first bytes; a comma if nothing fits better."""
-    return csv_delimiter(sample.decode("utf-8", errors="ignore")) or ","
+    text = sample.decode("utf-8", errors="ignore")
+    return csv_delimiter(text, whole=sample_is_whole(sample)) or ","
 
 
 @dataclass

@@ -18,7 +18,7 @@ from PIL import Image
 
 from proj.errors import FileNotFoundForProcessing, InvalidFileError, UnsafePathError
 from proj.files import archives, checksums, compress, csvimport, images, summary
-from proj.files.sniff import sniff
+from proj.files.sniff import FileType, sniff
 from proj.files.storage import Storage
 from tests import filefactory as ff
 
@@ -111,6 +111,37 @@ def test_type_comes_from_content_not_extension(tmp_path):
         "f.csv": ("binary", "application/octet-stream"),
         "g.zip": ("text", "text/plain"),
     }
+
+
+def test_csv_with_quoted_newlines_is_a_csv(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text('id,note,n\n1,"two\nlines",3\n2,"a ""quoted"" word",4\n3,"x\ny\nz",5\n')
+    assert sniff(path) == FileType("text/csv", "csv")
+
+
+def test_csv_with_a_cell_over_the_sample_is_a_csv(storage):
+    cell = "x" * 70 * 1024
+    (storage.root / "wide.csv").write_text(f'id;blob\n1;"{cell}"\n2;short\n')
+    assert sniff(storage.root / "wide.csv") == FileType("text/csv", "csv")
+    result = csvimport.import_csv(storage, "wide.csv", max_field=1 << 20)  # semicolons found too
+    assert (result["rows"], result["failed_rows"]) == (2, 0)
+    (storage.root / "long.txt").write_text("word " * 20_000 + "\nthe end\n")
+    assert sniff(storage.root / "long.txt") == FileType("text/plain", "text")
+
+
+def test_v7_tar_without_the_ustar_marker_is_an_archive(storage):
+    ff.v7_tar_of(storage.root / "old.tar", {"a.txt": b"alpha\n", "b/c.txt": b"gamma\n"})
+    assert storage.path("old.tar").read_bytes()[257:262] != b"ustar"
+    assert sniff(storage.root / "old.tar") == FileType("application/x-tar", "archive")
+    keys = archives.extract_archive(storage, "old.tar", LIMITS)
+    assert [storage.path(k).read_bytes() for k in keys] == [b"alpha\n", b"gamma\n"]
+
+
+def test_text_with_a_broken_tar_checksum_is_not_an_archive(tmp_path):
+    raw = bytearray(ff.v7_tar_of(tmp_path / "x.tar", {"a.txt": b"alpha\n"}).read_bytes())
+    raw[0:1] = b"b"  # the name changes, the stored checksum does not
+    (tmp_path / "y.tar").write_bytes(bytes(raw))
+    assert sniff(tmp_path / "y.tar").kind == "binary"
 
 
 def test_inspect_streams_the_checksum_with_progress(storage):
