@@ -1,4 +1,11 @@
-"""A retry or reschedule that cannot be published leaves its message to be delivered again.
+"""proj's task class: expected failures logged as such, and unpublishable retries requeued.
+
+Celery logs an exception listed in `Task.throws` as "raised expected", at INFO and without a
+traceback, and still records FAILURE, calls errbacks and sends `task_failure` (the dead letters).
+A permanent error is such an expected failure: bad input, told in one line. Everything else
+(transient errors whose retries ran out, bugs) keeps Celery's ERROR with its traceback.
+
+A retry or reschedule that cannot be published leaves its message to be delivered again.
 
 Celery's `Task.retry` turns a failed publish of the retry into `Reject(requeue=False)`: with
 acks_late on Redis the message is then dropped, and a task that only wanted to wait (SMTP 4xx, a
@@ -13,6 +20,8 @@ from typing import Any
 
 from celery import Task as CeleryTask
 from celery.exceptions import Reject
+
+from proj.errors import PermanentError
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +39,9 @@ def requeue_instead(task_name: str, task_id: str | None, exc: Exception) -> Reje
 
 
 class Task(CeleryTask):  # type: ignore[type-arg]
-    """Celery's Task; a retry whose publish fails requeues the message rather than dropping it."""
+    """Celery's Task; permanent errors are expected failures, a failed retry publish requeues."""
+
+    throws = (PermanentError,)
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's retry; `Reject(requeue=False)` from a failed publish becomes a requeue."""

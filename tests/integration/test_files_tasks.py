@@ -195,10 +195,20 @@ def test_hostile_input_fails_permanently_into_dead_letters(
     assert [p for p in files_root.glob("derived/**/*") if not p.is_dir()] == []  # no partial output
     assert ff.temp_leftovers(files_root) == [] and not (files_root.parent / "evil.sh").exists()
     assert worker.proc.poll() is None
+    _assert_one_line_each(worker.log(), [r.id for r in results])
     ff.zip_of(files_root / "fine.zip", {"ok.txt": b"fine"})
     assert celery_app.send_task("tasks.files.extract_archive", args=["fine.zip"]).get(timeout=30) == [
         "derived/fine.zip/extracted/ok.txt"
     ]
+
+
+def _assert_one_line_each(log, ids):
+    """Permanent failures are expected ones: one WARNING line each, no ERROR, no traceback."""
+    assert "Traceback" not in log and "raised unexpected" not in log, log
+    for task_id in ids:
+        lines = [line for line in log.splitlines() if task_id in line]
+        loud = [line for line in lines if "WARNING/" in line or "ERROR/" in line]
+        assert len(loud) == 1 and "failed for good" in loud[0], (task_id, loud)
 
 
 def _letters(redis_client, count):
@@ -250,6 +260,8 @@ def test_soft_time_limit_removes_temporary_files_before_failing(
     assert not (files_root / "derived").exists()
     letters = wait_for(lambda: DeadLetterStore(redis_client).list(), what="the dead letter")
     assert [(d.task_name, d.exc_type) for d in letters] == [("tasks.files.compress", "SoftTimeLimitExceeded")]
+    # Not a permanent error: Celery's own report, with the traceback, stays.
+    assert "raised unexpected: SoftTimeLimitExceeded" in worker.log() and "Traceback" in worker.log()
 
 
 def test_progress_is_visible_to_event_monitors_like_flower(start_worker, celery_app, files_root):
