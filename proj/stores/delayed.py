@@ -32,6 +32,19 @@ for _, member in ipairs(due) do
 end
 return moved
 """
+# How many members wait for each queue list, counted inside Redis by the member's leading "q" (the
+# payloads stay there): one pass over the set. Returns queue, count, queue, count, ...
+_COUNT_BY_QUEUE = """
+local counts, order = {}, {}
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local queue = string.match(member, '^{"q": "([^"]*)"') or ''
+  if not counts[queue] then counts[queue] = 0; table.insert(order, queue) end
+  counts[queue] = counts[queue] + 1
+end
+local flat = {}
+for _, queue in ipairs(order) do table.insert(flat, queue); table.insert(flat, counts[queue]) end
+return flat
+"""
 
 
 def eta_epoch(eta: str) -> float:
@@ -47,6 +60,7 @@ class DelayedSet:
         self.client = client
         self.key = key
         self._release = client.register_script(_RELEASE)
+        self._count_by_queue = client.register_script(_COUNT_BY_QUEUE)
 
     def add(self, queue_key: str, payload: str, due: float) -> None:
         """Park `payload` (a serialised broker message) for the list `queue_key` until `due` (epoch s)."""
@@ -56,6 +70,11 @@ class DelayedSet:
         """Move every message due by `now` onto its queue; return how many moved."""
         when = time.time() if now is None else now
         return int(self._release([self.key], [when, limit]))
+
+    def count_by_queue(self) -> dict[str, int]:
+        """How many parked messages wait for each queue list (lists with none are left out)."""
+        flat = self._count_by_queue([self.key])
+        return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     def pending(self) -> list[dict[str, Any]]:
         """What waits, soonest first: queue, due time and the parsed message headers."""
