@@ -217,16 +217,25 @@ class EventMonitor:
         self._thread.start()
         wait_for(lambda: redis_client.execute_command("PUBSUB", "NUMPAT") > numpat, what="the event receiver")
 
-    def events_for(self, ids: list[str], timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Wait until every id has an event (earlier tests' late events are left out); stop; them."""
+    def events_for(
+        self, ids: list[str], timeout: float = 30.0, until: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Wait until every id has an event (of type `until` if given); stop; the ids' events in order.
+
+        Earlier tests' late events are left out.
+        """
         wanted = set(ids)
+
+        def arrived() -> bool:
+            return wanted <= {e.get("uuid") for e in self.events if until is None or e["type"] == until}
+
         try:
-            wait_for(lambda: wanted <= {e["uuid"] for e in self.events}, timeout=timeout, what="the events")
+            wait_for(arrived, timeout=timeout, what=f"the {until or ''} events")
         finally:
             self._receiver.should_stop = True
             self._thread.join(10)
             self._connection.release()
-        return [e for e in self.events if e["uuid"] in wanted]
+        return [e for e in self.events if e.get("uuid") in wanted]
 
 
 def run_proj(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests import filefactory as ff
 from tests.conftest import smtp_env
-from tests.harness import ROOT, stop_process, wait_for
+from tests.harness import ROOT, EventMonitor, stop_process, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.stock_too]
 
@@ -57,14 +57,68 @@ def test_pipeline_on_an_image_an_archive_and_a_csv(start_worker, celery_app, fil
     assert ff.temp_leftovers(files_root) == []
 
 
-def test_a_failing_step_fails_the_whole_pipeline(start_worker, celery_app, files_root):
+def test_a_failing_step_fails_the_pipeline_under_its_own_id_and_name(
+    start_worker, celery_app, files_root, redis_client
+):
     from tasks.files import process_upload
 
     start_worker("files", pool="prefork", concurrency=2)
     ff.zip_of(files_root / "slip.zip", {"../../evil": b"x"})
-    result = process_upload.delay("slip.zip")
-    result.get(timeout=60, propagate=False)  # the caller is told; it does not wait forever
-    assert result.state == "FAILURE" and "zip slip" in str(result.result)
+    ff.zip_of(files_root / "bad-member.zip", {"ok.txt": b"fine\n", "empty.txt": b""})
+    monitor = EventMonitor(celery_app, redis_client, kind="*")
+    slip, member = process_upload.delay("slip.zip"), process_upload.delay("bad-member.zip")
+    for result in (slip, member):
+        result.get(timeout=60, propagate=False)  # the caller is told; it does not wait forever
+    assert slip.state == "FAILURE" and type(slip.result).__name__ == "UnsafePathError"
+    assert "zip slip" in str(slip.result)
+    # A member check of the chord failed: the pipeline fails with that check's own error.
+    assert member.state == "FAILURE" and type(member.result).__name__ == "FileNotFoundForProcessing"
+    assert "extracted/empty.txt' is empty" in str(member.result)
+    for result in (slip, member):
+        meta = json.loads(redis_client.get(f"celery-task-meta-{result.id}"))
+        assert (meta["status"], meta["name"]) == ("FAILURE", "tasks.files.process_upload")
+
+    # What Flower reads: the id was received as process_upload and ends failed, with the error.
+    state = _flower_state(monitor.events_for([slip.id, member.id], until="task-failed"))
+    for result in (slip, member):
+        task = state.tasks[result.id]
+        assert (task.name, task.state) == ("tasks.files.process_upload", "FAILURE"), task.info()
+    assert "zip slip" in state.tasks[slip.id].exception
+
+
+def test_a_succeeding_pipeline_ends_success_under_its_own_id_and_name(
+    start_worker, celery_app, files_root, redis_client
+):
+    from tasks.files import process_upload
+
+    start_worker("files", pool="prefork", concurrency=2)
+    ff.v7_tar_of(files_root / "old.tar", {"notes.csv": b'id,note\n1,"two\nlines"\n2,x\n'})
+    cell = "x" * 70 * 1024
+    (files_root / "wide.csv").write_text(f'id,blob\n1,"{cell}"\n2,short\n')
+    monitor = EventMonitor(celery_app, redis_client, kind="*")
+    tar, wide = process_upload.delay("old.tar"), process_upload.delay("wide.csv")
+    tar_summary, wide_summary = tar.get(timeout=60), wide.get(timeout=60)
+
+    assert tar.state == "SUCCESS" and tar_summary["kind"] == "archive"  # a V7 tar, no ustar marker
+    [notes] = tar_summary["outputs"]["members"]
+    assert notes["kind"] == "csv"  # quoted newlines: still a CSV
+    assert wide_summary["kind"] == "csv" and wide_summary["outputs"]["import"]["rows"] == 2
+    state = _flower_state(monitor.events_for([tar.id, wide.id], until="task-succeeded"))
+    for result in (tar, wide):
+        task = state.tasks[result.id]
+        assert (task.name, task.state) == ("tasks.files.process_upload", "SUCCESS"), task.info()
+        meta = json.loads(redis_client.get(f"celery-task-meta-{result.id}"))
+        assert (meta["status"], meta["name"]) == ("SUCCESS", "tasks.files.process_upload")
+
+
+def _flower_state(events):
+    """Flower's view of the tasks: Celery's event State fed with the events, in order."""
+    from celery.events.state import State
+
+    state = State()
+    for event in events:
+        state.event(event)
+    return state
 
 
 def test_pipeline_mails_its_summary_once(start_worker, celery_app, files_root, smtp_server, redis_client):
