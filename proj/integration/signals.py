@@ -15,7 +15,7 @@ from celery.signals import before_task_publish, celeryd_init, task_failure, task
 
 from proj.settings import get_settings
 from proj.stores.connection import redis_client
-from proj.stores.deadletters import DeadLetter, DeadLetterStore
+from proj.stores.deadletters import REPLAY_OF_HEADER, DeadLetter, DeadLetterStore
 from proj.stores.queues import SENT_AT_HEADER
 from proj.stores.setaside import KEY as SET_ASIDE_KEY
 from proj.stores.setaside import SetAsideStore
@@ -57,6 +57,8 @@ def record_dead_letter(
         message=str(exception) if exception else "",
         traceback=str(einfo) if einfo else "".join(tb.format_exception(exception)) if exception else "",
         retries=int(getattr(request, "retries", 0) or 0),
+        # Celery keeps a message's own headers on the request, and on the retries it sends.
+        replay_of=((getattr(request, "headers", None) or {}).get(REPLAY_OF_HEADER)),
     )
     try:
         _store().record(letter)

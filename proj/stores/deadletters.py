@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -14,6 +15,13 @@ from proj.settings import get_settings
 
 INDEX_KEY = "proj:dlq:index"
 ENTRIES_KEY = "proj:dlq:entries"
+# Replayed letters move here (same limits): out of the list and the counts, still found by id.
+REPLAYED_INDEX_KEY = "proj:dlq:replayed:index"
+REPLAYED_ENTRIES_KEY = "proj:dlq:replayed:entries"
+# The message header of a replay: the id of the dead letter it replays (kept across retries).
+REPLAY_OF_HEADER = "proj_replay_of"
+# Ids read per round trip while a filtered list looks for its matches.
+_LIST_CHUNK = 500
 # Drops, in one atomic step, the letters that failed before ARGV[1] and then the oldest ones past
 # ARGV[2]; both keys expire ARGV[3] s after the last write, when every letter in them has expired anyway.
 # KEYS: index, entries. Returns how many letters went.
@@ -51,6 +59,8 @@ class DeadLetter:
     traceback: str = ""
     failed_at: float = field(default_factory=time.time)
     retries: int = 0
+    replay_of: str | None = None  # the dead letter this task was a replay of
+    replayed_as: str | None = None  # the task id it was replayed as (`proj dlq replay`)
 
     def to_json(self) -> str:
         """Serialise; arguments that JSON cannot carry are stored as their repr."""
@@ -96,25 +106,52 @@ class DeadLetterStore:
         cutoff = time.time() - self.max_age
         return int(self._trim(keys=[INDEX_KEY, ENTRIES_KEY], args=[repr(cutoff), self.max_count, ttl]))
 
-    def list(self, limit: int = 100) -> list[DeadLetter]:
-        """The most recent dead letters first (expired ones are dropped first)."""
+    def list(
+        self, limit: int = 100, since: float = 0.0, where: Callable[[DeadLetter], bool] | None = None
+    ) -> list[DeadLetter]:
+        """The most recent dead letters first, failed at `since` or later and matching `where`."""
         self.expire()
-        ids = self._redis.zrevrange(INDEX_KEY, 0, limit - 1)
-        if not ids:
-            return []
-        raws = self._redis.hmget(ENTRIES_KEY, ids)
-        return [DeadLetter.from_json(raw) for raw in raws if raw is not None]
+        found: list[DeadLetter] = []
+        start = 0
+        while len(found) < limit:
+            ids = self._redis.zrevrangebyscore(INDEX_KEY, "+inf", since, start=start, num=_LIST_CHUNK)
+            if not ids:
+                break
+            start += len(ids)
+            letters = [DeadLetter.from_json(raw) for raw in self._redis.hmget(ENTRIES_KEY, ids) if raw]
+            found += [letter for letter in letters if where is None or where(letter)]
+        return found[:limit]
 
     def count(self) -> int:
         """How many dead letters have not expired (a read: nothing is dropped)."""
         return int(self._redis.zcount(INDEX_KEY, time.time() - self.max_age, "+inf"))
 
+    def mark_replayed(self, letter: DeadLetter, new_id: str) -> DeadLetter:
+        """Move a letter out of the list, with the id it was replayed as; it stays found by id."""
+        replayed = replace(letter, replayed_as=new_id)
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(ENTRIES_KEY, letter.task_id)
+            pipe.zrem(INDEX_KEY, letter.task_id)
+            pipe.hset(REPLAYED_ENTRIES_KEY, letter.task_id, replayed.to_json())
+            pipe.zadd(REPLAYED_INDEX_KEY, {letter.task_id: letter.failed_at})
+            pipe.execute()
+        cutoff = time.time() - self.max_age
+        self._trim(
+            keys=[REPLAYED_INDEX_KEY, REPLAYED_ENTRIES_KEY], args=[repr(cutoff), self.max_count, self.max_age]
+        )
+        return replayed
+
     def get(self, task_id: str) -> DeadLetter | None:
-        """One dead letter by task id (a unique prefix is enough), or None."""
-        raw = self._redis.hget(ENTRIES_KEY, task_id)
+        """One dead letter, replayed ones too, by task id (a unique prefix is enough), or None."""
+        raw = self._redis.hget(ENTRIES_KEY, task_id) or self._redis.hget(REPLAYED_ENTRIES_KEY, task_id)
         if raw is None:
-            matches = [tid for tid in self._redis.hkeys(ENTRIES_KEY) if tid.decode().startswith(task_id)]
-            raw = self._redis.hget(ENTRIES_KEY, matches[0]) if len(matches) == 1 else None
+            matches = [
+                (key, tid)
+                for key in (ENTRIES_KEY, REPLAYED_ENTRIES_KEY)
+                for tid in self._redis.hkeys(key)
+                if tid.decode().startswith(task_id)
+            ]
+            raw = self._redis.hget(*matches[0]) if len(matches) == 1 else None
         letter = None if raw is None else DeadLetter.from_json(raw)
         return letter if letter is not None and letter.failed_at >= time.time() - self.max_age else None
 
@@ -127,9 +164,9 @@ class DeadLetterStore:
         return bool(removed)
 
     def purge(self) -> int:
-        """Forget every dead letter and return how many there were."""
+        """Forget every dead letter, replayed ones too, and return how many were not replayed."""
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.zcard(INDEX_KEY)
-            pipe.delete(ENTRIES_KEY, INDEX_KEY)
+            pipe.delete(ENTRIES_KEY, INDEX_KEY, REPLAYED_ENTRIES_KEY, REPLAYED_INDEX_KEY)
             count, _ = pipe.execute()
         return int(count)
