@@ -14,11 +14,14 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.text import Text
 
 from proj.files.storage import CHUNK_SIZE, Storage
 from proj.settings import get_settings
@@ -75,20 +78,42 @@ def store_upload(storage: Storage, source: Path) -> str:
     return key
 
 
+class _AmountColumn(ProgressColumn):
+    """Bytes as sizes (12.3/45.6 MB); other units as counts (2/2 thumbnails)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes = DownloadColumn()
+
+    def render(self, task: Task) -> Text:
+        """The amount done of the row's task, in its unit."""
+        unit = task.fields.get("unit", "bytes")
+        if unit == "bytes":
+            return self.sizes.render(task)
+        total = "?" if task.total is None else f"{task.total:g}"
+        return Text(f"{task.completed:g}/{total} {unit}", style="progress.download")
+
+
 class _StepProgress:
-    """One rich progress bar per pipeline step, fed by the PROGRESS states of the task."""
+    """One rich progress row per pipeline step, fed by the PROGRESS states of the pipeline's id.
+
+    A step's messages carry {done, total, unit, step}; the members of a parallel step (a chord's
+    checks of extracted files) also carry their group and part, and share one row counting the
+    members done, announced by the step that started them with the number of members.
+    """
 
     def __init__(self, console: Console) -> None:
         self.progress = Progress(
             TextColumn("{task.description:<16}"),
             BarColumn(),
             TaskProgressColumn(),
-            DownloadColumn(),
+            _AmountColumn(),
             TimeElapsedColumn(),
             console=console,
         )
-        self.steps: dict[str, TaskID] = {}
-        self.totals: dict[TaskID, float | None] = {}
+        self.rows: dict[str, TaskID] = {}
+        self.totals: dict[TaskID, float | None] = {}  # of the rows of single steps
+        self.parts_done: dict[str, set[Any]] = {}
 
     def __enter__(self) -> _StepProgress:
         self.progress.start()
@@ -102,10 +127,23 @@ class _StepProgress:
         meta = message.get("result")
         if message.get("status") != "PROGRESS" or not isinstance(meta, dict):
             return
-        step, total = str(meta.get("step", "working")), meta.get("total") or None
-        if step not in self.steps:
-            for earlier, earlier_total in self.totals.items():  # a new step: the earlier ones are done
+        step = str(meta.get("step", "working"))
+        done, total = meta.get("done", 0), meta.get("total") or None
+        row_key = str(meta.get("group") or step)
+        if "part" in meta:  # one member of a parallel step: count it once it is done
+            row = self._row(row_key, step, None, "files")
+            if total is None or done >= total:
+                self.parts_done.setdefault(row_key, set()).add(meta["part"])
+            self.progress.update(row, completed=len(self.parts_done.get(row_key, ())))
+            return
+        row = self._row(row_key, step, total, str(meta.get("unit", "bytes")))
+        self.totals[row] = total
+        self.progress.update(row, completed=done, total=total)
+
+    def _row(self, key: str, step: str, total: float | None, unit: str) -> TaskID:
+        """The row for `key`, added on its first message; a new row means the earlier ones are done."""
+        if key not in self.rows:
+            for earlier, earlier_total in self.totals.items():
                 self.progress.update(earlier, completed=earlier_total or 0)
-            self.steps[step] = self.progress.add_task(step, total=total)
-        self.totals[self.steps[step]] = total
-        self.progress.update(self.steps[step], completed=meta.get("done", 0), total=total)
+            self.rows[key] = self.progress.add_task(step, total=total, unit=unit)
+        return self.rows[key]
