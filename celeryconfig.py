@@ -119,7 +119,8 @@ broker_transport_options = {
     # Probe idle connections so a restarted Redis is noticed instead of silently not consuming.
     "health_check_interval": 10,
     "socket_keepalive": True,
-    "socket_timeout": 30,
+    # A reply overdue by this long drops the connection; a stalled worker's shutdown waits it out too.
+    "socket_timeout": _env_int("BROKER_SOCKET_TIMEOUT", 30),
     "socket_connect_timeout": 5,
     "retry_on_timeout": True,
 }
