@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from celery.signals import worker_init
+
 import celeryconfig
 import proj.integration.signals  # noqa: F401  (connects the dead-letter and publish-time handlers)
-from proj.integration.kombu_transport import keep_proj_transport_on_failover
+from proj.integration.kombu_transport import keep_proj_transport_on_failover, wait_out_refused_binds
 from proj.integration.native_delay import Celery
 from proj.integration.parking import DelayedRelease
 from proj.integration.startup import CredentialCheck  # also makes beat check them (beat_init)
@@ -31,6 +33,9 @@ app.steps["worker"].add(ConsumerWatchdog)
 if not STOCK:
     # A Sentinel failover keeps proj's transport (kombu re-resolves the scheme of the next URL).
     keep_proj_transport_on_failover()
+    # A worker's reconnect to a master that refuses writes for now (NOREPLICAS after a promotion)
+    # waits to bind its queues instead of exiting; producers still fail at once (docs/sentinel.md).
+    worker_init.connect(wait_out_refused_binds, weak=False)
     # Celery reads override_backends when the configuration loads; a process whose first use of the
     # app is AsyncResult(id).get() resolves its backend before that when CELERY_RESULT_BACKEND is set.
     app.loader.override_backends = dict(celeryconfig.override_backends)

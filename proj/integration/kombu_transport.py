@@ -25,6 +25,7 @@ without acks keep kombu's BRPOP and unacked records, sent without waiting for re
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections import deque
@@ -39,9 +40,10 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis.exceptions import ResponseError
 
-from proj.integration.unawaited import RefusedWriteError, UnawaitedWriter
+from proj.integration.unawaited import UnawaitedWriter
 from proj.stores import setaside
 from proj.stores.inflight import KEEPER, InflightLists, inflight_name
+from proj.stores.refused import REFUSED_RETRY_SECONDS, RefusedWriteError, refused_for_now, retry_while_refused
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +61,15 @@ for i = 1, #KEYS, 2 do
 end
 return false
 """
-# Seconds between takes while Redis refuses them (full under noeviction, a read-only replica).
+# Seconds between takes while Redis refuses them (full under noeviction, a read-only replica, a
+# master with min-replicas-to-write and no replica in sync: proj.stores.refused).
 TAKE_REFUSED_WAIT = 1.0
+
+# Inflight lists a closing channel of this process could not give back (Redis away or refusing
+# writes). The process's next channel gives them back before its first take, once its unawaited
+# writes (the acks among them) have landed: sooner than their lease and the sweep would.
+_LEFT_BEHIND: set[str] = set()
+_LEFT_BEHIND_LOCK = threading.Lock()
 
 # Any: kombu's type stubs do not describe the channel internals overridden here.
 _RedisChannel: Any = kombu_redis.Channel
@@ -178,29 +187,42 @@ class QoS(kombu_redis.QoS):
             qos._remove_from_indices(delivery_tag).execute()
 
     def restore_unacked(self, client: Any = None) -> Any:
-        """Let the records in flight land before putting unacked messages back on their queues."""
+        """Let the records in flight land before putting unacked messages back on their queues.
+
+        A give-back Redis refuses for now (a reconnect to a master that refuses writes) leaves the
+        message where it is, in its inflight list or under its unacked record: the lease sweep or
+        kombu's visibility sweep puts it back once Redis takes writes again.
+        """
         channel: Any = self.channel
         channel.flush_unawaited()
         delivered: Any = self._delivered
-        for delivery_tag in list(delivered):
-            taken = channel.inflight_tags.pop(delivery_tag, None)
-            if taken is not None:
-                channel.give_back(*taken)  # kombu's order for restored messages: the front
-                delivered.pop(delivery_tag, None)
-        return super().restore_unacked(client)
+        try:
+            for delivery_tag in list(delivered):
+                taken = channel.inflight_tags.pop(delivery_tag, None)
+                if taken is not None:
+                    channel.give_back(*taken)  # kombu's order for restored messages: the front
+                    delivered.pop(delivery_tag, None)
+            return super().restore_unacked(client)
+        except ResponseError as exc:
+            if not refused_for_now(exc):
+                raise
+            logger.warning(
+                "Could not give back %d taken message(s) (%s); the sweep will", len(delivered), exc
+            )
+            delivered.clear()
+            return None
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
         """kombu's sweep of expired unacked records, then of inflight lists whose lease ran out."""
+        channel: Any = self.channel
         try:
             super().restore_visible(start, num, interval)
-        except ResponseError as exc:  # full or read-only: the next sweep tries again
+            moved = channel.inflight_registry().requeue_expired() if channel.unawaited_writer() else 0
+        except ResponseError as exc:  # refused for now (full, read-only, no replicas): the next sweep
             logger.warning("Could not sweep unacked messages: %s", exc)
             return
-        channel: Any = self.channel
-        if channel.unawaited_writer() is not None:
-            moved = channel.inflight_registry().requeue_expired()
-            if moved:
-                logger.warning("Requeued %d message(s) of consumers that stopped renewing their lease", moved)
+        if moved:
+            logger.warning("Requeued %d message(s) of consumers that stopped renewing their lease", moved)
 
 
 class Channel(_RedisChannel):  # type: ignore[misc]
@@ -217,6 +239,9 @@ class Channel(_RedisChannel):  # type: ignore[misc]
     _taking: dict[str, tuple[str, str]] | None = None
     _blocking_on: str | None = None  # the list a BLMOVE waits on; None: the take-first script
     _take_any_next = True  # several queues: try them all first (after a message or an empty wait)
+    #: Seconds a queue bind Redis refuses for now is tried again before it fails as a connection
+    #: error; 0 (producers: their publish fails at once as it would anyway). Workers set it at start.
+    refused_bind_wait = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.inflight_tags: dict[str, tuple[str, bytes]] = {}  # delivery tag -> (inflight list, message)
@@ -253,6 +278,7 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         """Take with BLMOVE (or the take-first script) into this consumer's inflight lists, else BRPOP."""
         self._check_unawaited()
         self._redo_refused_rejects()
+        self._give_back_left_behind()
         queues = self._queue_cycle.consume(len(self.active_queues))  # kombu's fair order
         if not queues:
             return
@@ -261,10 +287,16 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             self._taking = None
             super()._brpop_start(timeout)
             return
-        self._taking = {
-            key: (queue, self._inflight_for(key))
-            for key, queue in zip(keys, queues * len(self.priority_steps), strict=True)
-        }
+        try:
+            self._taking = {
+                key: (queue, self._inflight_for(key))
+                for key, queue in zip(keys, queues * len(self.priority_steps), strict=True)
+            }
+        except ResponseError as exc:  # registering a new inflight list is a write too
+            if not refused_for_now(exc):
+                raise
+            self._take_refused(exc)
+            return  # nothing sent: the next poll starts this take again
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
         wait = self.brpop_timeout if timeout is None else timeout
@@ -394,6 +426,20 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             self._refused_rejects.popleft()
             logger.info("Redis took a reject it had refused")
 
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        """kombu's bind (SADD); in a worker, one Redis refuses for now is tried again for a while.
+
+        A worker's reconnect binds its queues again, before it consumes: to a master that refuses
+        writes (a promoted replica waiting for `min-replicas-to-write`) kombu's plain ResponseError
+        would end the worker. Still refused after `refused_bind_wait`, it is a connection error:
+        Celery's consumer reconnects and binds again.
+        """
+        bind = partial(super()._queue_bind, exchange, routing_key, pattern, queue)
+        if self.refused_bind_wait <= 0:
+            bind()
+            return
+        retry_while_refused(bind, f"the binding of {queue!r}", self.refused_bind_wait)
+
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         """kombu's; remembers queues consumed without acks (e.g. remote-control replies)."""
         if no_ack:
@@ -426,23 +472,51 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             settled = writer.settle_unconfirmed()  # acks a lost connection took: else given back too
             writer.close()
             if not settled:
-                logger.warning("Redis is away: %s go back after their lease, once the acks are sent", lists)
+                logger.warning("Redis is away or refuses writes: %s go back once the acks are sent", lists)
+                self._leave_behind(lists)
                 return
         try:
             moved = self.inflight_registry().requeue(lists)
-        except self.connection_errors as exc:
-            # Their leases run out and the next sweep of any consumer puts the messages back.
-            logger.warning("Could not give back %s on close (%s); the lease sweep will", lists, exc)
+        except (ResponseError, *self.connection_errors) as exc:
+            if isinstance(exc, ResponseError) and not refused_for_now(exc):
+                raise
+            logger.warning("Could not give back %s on close (%s); trying again later", lists, exc)
+            self._leave_behind(lists)
             return
         if moved:
             logger.info("Gave back %d taken message(s) on close", moved)
+
+    @staticmethod
+    def _leave_behind(lists: list[str]) -> None:
+        """Keep `lists` for the next channel of this process to give back (else their lease ends
+        and any consumer's sweep puts the messages back)."""
+        with _LEFT_BEHIND_LOCK:
+            _LEFT_BEHIND.update(lists)
+
+    def _give_back_left_behind(self) -> None:
+        """Give back the inflight lists closed channels left behind; on failure, before the next take."""
+        if not _LEFT_BEHIND:  # the common case, on every take: no lock
+            return
+        with _LEFT_BEHIND_LOCK:
+            lists = sorted(_LEFT_BEHIND)
+        if not lists:
+            return
+        try:
+            moved = self.inflight_registry().requeue(lists)
+        except (ResponseError, *self.connection_errors) as exc:
+            logger.debug("Could not give back %s yet: %s", lists, exc)
+            return
+        with _LEFT_BEHIND_LOCK:
+            _LEFT_BEHIND.difference_update(lists)
+        logger.warning("Gave back %d message(s) a closed channel had left in %s", moved, lists)
 
     def _check_unawaited(self) -> None:
         """Before taking a message: every unawaited write has been answered, and none refused.
 
         A refused record, ack or inflight move (OOM under noeviction, READONLY after a failover,
-        NOAUTH) raises a connection error here: Celery's consumer then stops taking messages and
-        reconnects with its retry policy, as for a lost connection; what was taken stays in Redis.
+        NOREPLICAS, NOAUTH) is sent again; still refused after a while, it raises a connection error
+        here: Celery's consumer then reconnects with its retry policy, as for a lost connection;
+        what was taken stays in Redis.
         """
         if self._writer is None:
             return
@@ -504,3 +578,9 @@ def keep_proj_transport_on_failover() -> None:
     layer (inflight lists, refused writes waited out).
     """
     TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"
+
+
+def wait_out_refused_binds(**_: Any) -> None:
+    """In a worker (the app connects this to `worker_init`): queue binds Redis refuses for now are
+    tried again for up to REFUSED_RETRY_SECONDS before they fail as a connection error."""
+    Channel.refused_bind_wait = REFUSED_RETRY_SECONDS

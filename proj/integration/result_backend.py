@@ -33,7 +33,8 @@ from celery.exceptions import BackendStoreError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.utils.serialization import bytes_to_str
 from kombu.utils.compat import detect_environment
-from redis.exceptions import OutOfMemoryError, ReadOnlyError  # type: ignore[attr-defined]
+
+from proj.stores.refused import refused_for_now
 
 # Any: celery-types does not describe the result consumer and backend internals used here.
 _celery: Any = celery_redis
@@ -170,11 +171,9 @@ class RedisBackend(_celery.RedisBackend):  # type: ignore[misc]
     _store_script: Any = None
 
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
-        """Celery retries connection errors (result_backend_always_retry); also a write Redis refused
-        for memory (noeviction) or as a read-only replica after a failover: both pass."""
-        return bool(super().exception_safe_to_retry(exc)) or isinstance(
-            exc, (OutOfMemoryError, ReadOnlyError)
-        )
+        """Celery retries connection errors (result_backend_always_retry); also a write Redis refuses
+        for now (full, read-only, no replicas in sync: proj.stores.refused), which passes."""
+        return bool(super().exception_safe_to_retry(exc)) or refused_for_now(exc)
 
     def _store_result(
         self, task_id: Any, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any

@@ -24,6 +24,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from proj.stores.refused import REFUSED_RETRY_DELAYS, REFUSED_RETRY_SECONDS, RefusedWriteError
+
 logger = logging.getLogger(__name__)
 
 # Replies left unread until this many are outstanding, then read together: reading them one by
@@ -31,10 +33,6 @@ logger = logging.getLogger(__name__)
 COLLECT_AT = 256
 # Replies allowed to be outstanding before the sender waits for them (bounds socket buffers).
 MAX_PENDING_REPLIES = 1000
-
-# How long `check` keeps sending a refused write again before it gives up (a connection error then).
-REFUSED_RETRY_SECONDS = 60.0
-REFUSED_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)  # then the last one until the time is up
 
 _BROKEN = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -44,6 +42,8 @@ _BROKEN = (RedisConnectionError, RedisTimeoutError, OSError)
 # what it took: an ack lost this way would otherwise let that give-back run a finished task again.
 _UNCONFIRMED: dict[tuple[Any, ...], deque[list[tuple[Any, ...]]]] = {}
 _UNCONFIRMED_LOCK = threading.Lock()
+
+__all__ = ["RefusedWriteError", "UnawaitedWriter"]
 
 
 def _server(pool: Any) -> tuple[Any, ...]:
@@ -60,10 +60,6 @@ class _Batch:
     resend: bool
     unread: int = 0
     refused: str | None = field(default=None)
-
-
-class RefusedWriteError(RedisConnectionError):
-    """Redis refused a write sent unawaited; a connection error, so kombu's consumer reconnects."""
 
 
 class UnawaitedWriter:
@@ -138,12 +134,14 @@ class UnawaitedWriter:
         raise RefusedWriteError(f"Redis still refuses {self._refused[0].refused}")
 
     def settle_unconfirmed(self) -> bool:
-        """Send again what lost connections left unanswered and wait for it; False if Redis is away."""
+        """Send again what lost connections left unanswered and wait for it; False if Redis is away
+        or refuses some of it (kept for the next connection of this process to send again)."""
         try:
             self._send_unconfirmed()
             self.flush()
         except _BROKEN:
             return False
+        self._keep_refused()
         with _UNCONFIRMED_LOCK:
             return not _UNCONFIRMED.get(_server(self._pool))
 
@@ -157,15 +155,29 @@ class UnawaitedWriter:
                 self.send(commands)
 
     def close(self) -> None:
-        """Flush and give the connection back to the pool."""
+        """Flush and give the connection back to the pool; refused writes stay to be sent again."""
         try:
             self.flush()
         except _BROKEN:
             return
+        finally:
+            self._keep_refused()
         with self._lock:
             if self._connection is not None and self._pid == os.getpid():
                 self._pool.release(self._connection)
             self._connection = None
+
+    def _keep_refused(self) -> None:
+        """Hand refused writes to the next connection of this process, which sends them before it
+        takes anything: an ack dropped with a closing channel would let its message run again."""
+        with self._lock:
+            refused, self._refused = self._refused, []
+        if refused:
+            logger.warning(
+                "Redis refused %d write(s) before the close; sending them again later", len(refused)
+            )
+            with _UNCONFIRMED_LOCK:
+                _UNCONFIRMED.setdefault(_server(self._pool), deque()).extend(b.commands for b in refused)
 
     def _acquire(self) -> Any:
         if self._connection is None or self._pid != os.getpid():  # a forked child needs its own

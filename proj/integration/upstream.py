@@ -38,6 +38,7 @@ TOUCHED = {
         "kombu.transport.redis:Channel.from_transport_options",
         "kombu.transport.redis:Channel.conn_or_acquire",
         "kombu.transport.redis:Channel.basic_consume",
+        "kombu.transport.redis:Channel._queue_bind",
         "kombu.transport.redis:Channel.close",
         "kombu.transport.redis:QoS.append",
         "kombu.transport.redis:QoS.ack",
@@ -99,6 +100,8 @@ TOUCHED = {
         "redis.connection:ConnectionPool.connection_kwargs",
         "redis.exceptions:OutOfMemoryError",
         "redis.exceptions:ReadOnlyError",
+        "redis.exceptions:MasterDownError",
+        "redis.exceptions:BusyLoadingError",
     ],
     "flower": [
         "flower.views.monitor:Metrics.get",

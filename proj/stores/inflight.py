@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 REGISTRY_KEY = "proj.stores.inflight"  # hash: inflight list -> the queue list it takes from
 LEASES_KEY = "proj.stores.inflight.leases"  # sorted set: inflight list -> lease end (Redis clock, seconds)
 SWEEP_LIMIT = 100  # expired lists handled per sweep
+# Seconds before a renewal that failed (Redis away, or refusing writes for now) is tried again,
+# rather than a third of the lease: a pause of writes must not outlast what is left of a lease.
+RENEW_RETRY = 1.0
 
 # The Redis clock, so that workers on machines with skewed clocks agree on when a lease ended.
 _NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
@@ -130,6 +133,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._held: dict[str, tuple[InflightLists, str, float]] = {}
         self._pid = 0
+        self._failing = False  # the last round of renewals failed (logged once)
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
@@ -137,6 +141,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._held = {}
         self._pid = 0
+        self._failing = False
 
     def hold(self, lists: InflightLists, inflight: str, queue: str, lease: float) -> None:
         """Register `inflight` now (the caller waits) and keep renewing its lease."""
@@ -152,16 +157,26 @@ class LeaseKeeper:
         with self._lock:
             self._held.pop(inflight, None)
 
-    def renew_all(self) -> None:
-        """Renew every held lease once; re-register any that ran out while this process lived."""
+    def renew_all(self) -> bool:
+        """Renew every held lease once; re-register any that ran out while this process lived.
+
+        False if some renewal failed (Redis away, or refusing writes for now): try again soon.
+        """
         with self._lock:
             held = list(self._held.items())
+        failure = ""
         for inflight, (lists, queue, lease) in held:
             try:
                 if lists.renew([inflight], lease):
                     self._hold_again(lists, inflight, queue, lease)
             except redis.RedisError as exc:
-                logger.warning("Could not renew the lease of %s: %s", inflight, exc)
+                failure = failure or f"{inflight}: {exc}"
+        if failure and not self._failing:  # once per streak: it is retried every RENEW_RETRY
+            logger.warning("Could not renew the lease of %s; trying again every %gs", failure, RENEW_RETRY)
+        elif self._failing and not failure:
+            logger.warning("Renewed the leases again")
+        self._failing = bool(failure)
+        return not failure
 
     def _hold_again(self, lists: InflightLists, inflight: str, queue: str, lease: float) -> None:
         """Register a list whose lease was gone, unless its channel let go of it meanwhile."""
@@ -175,10 +190,11 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         pid = os.getpid()
+        renewed = True
         while pid == self._pid:
             leases = [lease for _, _, lease in list(self._held.values())] or [30.0]
-            time.sleep(min(leases) / 3)
-            self.renew_all()
+            time.sleep(min(leases) / 3 if renewed else min(RENEW_RETRY, min(leases) / 3))
+            renewed = self.renew_all()
 
 
 KEEPER = LeaseKeeper()
