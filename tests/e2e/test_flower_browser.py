@@ -212,3 +212,40 @@ def test_flower_shows_queue_lengths(own_flower: FlowerProcess, browser: Any, red
     broker_url = page.locator(".broker-url").inner_text().strip()
     assert broker_url.startswith("redis://") and broker_url.endswith(own_flower.redis_address), broker_url
     context.close()
+
+
+def test_flower_shows_pipelines_ending_under_their_name(
+    own_flower: FlowerProcess, start_worker: Any, celery_app: Any, files_root: Path
+) -> None:
+    """Flower's task list (from events): a process_upload id ends SUCCESS or FAILURE, under its name."""
+    from tasks.files import process_upload
+    from tests import filefactory as ff
+
+    start_worker("files", pool="prefork", concurrency=2)
+    sent: list[str] = []
+
+    def flower_follows() -> bool:  # Flower subscribes to events a moment after it answers
+        sent.append(celery_app.send_task("tasks.health.canary", queue="files").id)
+        return any(_flower_task(own_flower.url, task_id).get("state") == "SUCCESS" for task_id in sent)
+
+    wait_for(flower_follows, timeout=30, interval=0.5, what="Flower to follow the task events")
+    ff.zip_of(files_root / "slip.zip", {"../../evil": b"x"})
+    ff.sample_csv(files_root / "table.csv")
+    failed, done = process_upload.delay("slip.zip"), process_upload.delay("table.csv")
+    failed.get(timeout=60, propagate=False)
+    done.get(timeout=60)
+
+    for result, state in ((failed, "FAILURE"), (done, "SUCCESS")):
+        shown = wait_for(
+            lambda r=result, s=state: (t := _flower_task(own_flower.url, r.id)).get("state") == s and t,
+            timeout=20,
+            what=f"Flower to show {result.id} {state}",
+        )
+        assert shown["name"] == "tasks.files.process_upload", shown
+    assert "zip slip" in _flower_task(own_flower.url, failed.id)["exception"]
+
+
+def _flower_task(url: str, task_id: str) -> dict[str, Any]:
+    """Flower's record of one task (its API reads the same event state as its task list), or {}."""
+    status, answer = _http(f"{url}/api/task/info/{task_id}")
+    return answer if status == 200 and isinstance(answer, dict) else {}
