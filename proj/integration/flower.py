@@ -14,7 +14,7 @@ which proj's transport keeps where kombu's does, while the app keeps its transpo
 It also refuses to start, with one line and exit code 2, without a password: no basic auth (and no
 OAuth `--auth`), or a `user:` pair with an empty password, which would leave task arguments and
 results readable by anyone who can reach the port. Exit code 1 when Redis refuses the credentials of
-the configured URL (proj.credentials).
+the configured URL; an unreachable one is named in two lines first (proj.redis_check).
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from tornado import web
 from tornado.options import options
 
 import celeryconfig
-from proj.credentials import redis_refusal
 from proj.integration.kombu_transport import SentinelTransport as ProjSentinelTransport
 from proj.integration.kombu_transport import Transport as ProjTransport
 from proj.integration.startup import redis_urls
+from proj.redis_check import redis_problem
+from proj.settings import get_settings
 
 
 def require_auth_on_metrics() -> None:
@@ -104,10 +105,11 @@ def run() -> None:
         print(f"flower: refusing to start: {problem}", file=sys.stderr)
         sys.exit(2)
     for url in redis_urls(celeryconfig):
-        refusal = redis_refusal(url)
-        if refusal:
-            print(f"flower: {refusal}", file=sys.stderr)
-            sys.exit(1)
+        unusable = redis_problem(url, get_settings())
+        if unusable:  # first thing printed; an unreachable Redis is retried by Flower as it is
+            print(f"flower: {unusable[1]}", file=sys.stderr, flush=True)
+            if unusable[0] == "refused":
+                sys.exit(1)
     require_auth_on_metrics()
     read_queues_with_flowers_redis_client()
     celery.add_command(flower)

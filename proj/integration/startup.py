@@ -6,25 +6,34 @@ forever too. A wrong password never starts working: before the worker's consumer
 step; Celery starts its Consumer step last) and when beat starts (`beat_init`), each Redis URL of the
 configuration is asked once. A refusal ends the process with exit code 1; an unreachable Redis is
 asked again until it answers, as Celery would keep trying to connect.
+
+Before any of that, and before the worker's or beat's banner, each URL is asked once with a short
+timeout (`import_modules`, which init_worker sends first): when Redis cannot be used, the first thing
+the process prints is one or two lines naming the URL (password masked) and the likely cause
+(proj.redis_check), not a screen of banner followed by retries.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from celery import bootsteps
-from celery.signals import beat_init
+from celery.signals import beat_init, import_modules
 from celery.worker.state import maybe_shutdown
 
 from proj.credentials import check_redis
+from proj.redis_check import redis_problem
+from proj.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
 REDIS_SCHEMES = ("redis://", "rediss://")
 RETRY_MAX_INTERVAL = 10.0
+_first_check_done = False
 
 
 def redis_urls(conf: Any) -> list[str]:
@@ -70,3 +79,31 @@ def check_beat_credentials(sender: Any = None, **_: Any) -> None:
     """Beat: exit before the first schedule entry is sent when Redis refuses the credentials."""
     # SIGTERM meanwhile: beat's own handler raises SystemExit, which ends the wait.
     require_redis_credentials(redis_urls(sender.app.conf))
+
+
+def say_first_why_redis_cannot_be_used(conf: Any, program: str) -> None:
+    """Once per process: print why Redis cannot be used, if so; SystemExit(1) when it refuses."""
+    global _first_check_done
+    if _first_check_done:
+        return
+    _first_check_done = True
+    for url in redis_urls(conf):
+        problem = redis_problem(url, get_settings())
+        if problem is None:
+            continue
+        verdict, why = problem
+        # Logging is not set up yet: stderr, which is where Celery's own start-up errors go.
+        print(f"{program}: {why}", file=sys.stderr, flush=True)
+        if verdict == "refused":
+            raise SystemExit(1)  # Celery's signal dispatch passes SystemExit on: the command exits 1
+        return  # retried by the checks above, with a warning each time
+
+
+@import_modules.connect
+def check_redis_first(sender: Any = None, **_: Any) -> None:
+    """Worker and beat: before the banner, say why Redis cannot be used."""
+    # worker_initialized: only `celery worker` and `celery beat` import the task modules through
+    # init_worker, first thing; Flower and `celery report` import them too and need no such line.
+    if sender is not None and sender.loader.worker_initialized:
+        program = next((word for word in sys.argv[1:] if word in ("worker", "beat")), "celery")
+        say_first_why_redis_cannot_be_used(sender.conf, program)

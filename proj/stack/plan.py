@@ -51,6 +51,14 @@ class Stack:
     def env_file(self) -> Path:
         return self.local_dir / "stack.env"
 
+    @property
+    def logs_dir(self) -> Path:
+        return self.local_dir / "logs"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.local_dir / "mail"
+
     def exports(self) -> dict[str, str]:
         """The variables another shell needs to use this stack (the content of stack.env)."""
         return {
@@ -172,7 +180,7 @@ def write_env_file(stack: Stack) -> None:
 
 
 def banner(stack: Stack) -> str:
-    """What `proj up` prints first: where everything is."""
+    """What `proj up` prints once the stack is ready: every address, where files and logs go."""
     redis = (
         f"{stack.redis_url}  (embedded {stack.redis_server}, data in {stack.local_dir / 'redis'})"
         if stack.redis_server
@@ -181,13 +189,14 @@ def banner(stack: Stack) -> str:
     kept = stack.flower_password_from or f"in {stack.env_file}"
     return "\n".join(
         [
-            "proj up: the local stack",
             f"  Redis    {redis}",
-            f"  Flower   {stack.flower_url}  user {stack.flower_user}  password {kept}"
+            f"  SMTP     127.0.0.1:{stack.smtp_port}",
+            f"  Flower   {stack.flower_url}  user {stack.flower_user}, password {kept}"
             f" (also FLOWER_PASSWORD in {stack.env_file.name})",
-            f"  SMTP     127.0.0.1:{stack.smtp_port}  (every message saved under {stack.local_dir / 'mail'})",
             f"  files    {stack.files_root}",
-            f"  env      {stack.env_file}  (written when the stack is ready; `source` it elsewhere)",
+            f"  mail     {stack.mail_dir}  (every message the SMTP server received, as .eml)",
+            f"  logs     {stack.logs_dir}  (each process's full output, <name>.log)",
+            f"  env      source {stack.env_file}  (in another shell, after `source .venv/bin/activate`)",
             "  Ctrl-C stops everything; workers finish their running tasks first.",
         ]
     )

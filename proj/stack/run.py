@@ -1,4 +1,8 @@
-"""Running the local stack: Redis and SMTP first, the Celery processes under honcho, shutdown in order."""
+"""Running the local stack: Redis and SMTP first, the Celery processes under honcho, shutdown in order.
+
+The terminal shows a few lines (proj.stack.view); each process's output goes to .local/logs/. Nothing
+started outlives `proj up`, however it ends (proj.stack.lifeline).
+"""
 
 from __future__ import annotations
 
@@ -16,12 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import honcho.manager
+import honcho.process
 from honcho.environ import parse_procfile
 from honcho.manager import SYSTEM_PRINTER_NAME, Manager
 from honcho.printer import Message
-from honcho.process import Popen
 
-from proj.stack.plan import Stack, StackError, write_env_file
+from proj.credentials import scrub
+from proj.stack.lifeline import Lifeline, die_with_parent, preexec_die_with_parent
+from proj.stack.plan import Stack, StackError, banner, write_env_file
+from proj.stack.view import LiveView
 from proj.stores.connection import redis_client
 
 # Started before the Celery processes and stopped after them: a worker finishing its tasks on
@@ -41,6 +48,38 @@ RESTART_RESET_AFTER = 60.0
 # One that exits this often within the window cannot start: the stack stops rather than loop forever.
 GIVE_UP_EXITS = 5
 GIVE_UP_WINDOW = 60.0
+# Beat answers no ping: it is ready once it says so (Procfile: -l INFO).
+READY_LINES = {"beat": b"beat: Starting..."}
+# Exit codes of a process that stopped as asked (SIGTERM honoured, or its own handler's 0).
+STOPPED_AS_ASKED = (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+WAITING_STOPPED = "stopped (it was waiting to start again)"
+
+
+class _Popen(honcho.process.Popen):  # type: ignore[misc]
+    """honcho's Popen (own session, output piped), killed by the kernel when its starter dies."""
+
+    def __init__(self, cmd: str, **kwargs: Any) -> None:
+        super().__init__(cmd, preexec_fn=preexec_die_with_parent(), **kwargs)
+
+
+class _Relay(honcho.process.Process):  # type: ignore[misc]
+    """honcho's relay (a forked process that runs one command and forwards its output), made to die
+    with `proj up` and to leave a closed terminal's SIGHUP to `proj up`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._child_ctor = _Popen
+        self._parent = os.getpid()
+        self.lifeline_fd = -1
+
+    def run(self, events: Any = None, ignore_signals: bool = False) -> None:
+        die_with_parent(self._parent)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if self.lifeline_fd >= 0:  # inherited by the fork: the watcher must see EOF when proj up dies
+            with contextlib.suppress(OSError):
+                os.close(self.lifeline_fd)
+        super().run(events, ignore_signals)
 
 
 class _MainProcessSignals:
@@ -100,8 +139,13 @@ class _StackManager(Manager):  # type: ignore[misc]
 
     events: _Events
 
-    def __init__(self, on_started: Callable[[], None], stopping: threading.Event) -> None:
-        super().__init__()
+    def __init__(
+        self, on_started: Callable[[], None], stopping: threading.Event, view: LiveView, lifeline: Lifeline
+    ) -> None:
+        super().__init__(printer=view)
+        self._view = view
+        self._lifeline = lifeline
+        self._process_ctor = _Relay
         self._procmgr = _MainProcessSignals()
         self._on_started = on_started
         self._stopping = stopping
@@ -118,27 +162,34 @@ class _StackManager(Manager):  # type: ignore[misc]
         name = message.name
         if message.type == "start":
             self._backoff.setdefault(name, _Backoff()).started = time.monotonic()
-        if message.type != "stop" or self._shutting_down():
+            self._lifeline.hold(message.data["pid"])
+            self._view.append(name, f"--- proj up: started (pid={message.data['pid']})\n".encode())
+            if name not in WORKERS and name not in ("flower", *READY_LINES):
+                self._view.ready(name, "started")  # no way to ask it: running is all there is to say
+        if message.type != "stop":
             return message
         code = message.data["returncode"]
         # As a container's end does: nothing of the dead process outlives it (prefork children).
         _MainProcessSignals().kill(self._processes[name]["pid"])
+        self._lifeline.release(self._processes[name]["pid"])
+        self._view.append(name, f"--- proj up: exited (rc={code})\n".encode())
+        if self._shutting_down():
+            self._view.process(name, _stopped(code, self._view.log_path(name)))
+            return message
         delay = self._backoff.setdefault(name, _Backoff()).next_delay(time.monotonic())
         if delay is None:
-            self._system_print(
-                f"{name} exited (rc={code}) {GIVE_UP_EXITS} times within {GIVE_UP_WINDOW:.0f} s: "
-                "it cannot start, stopping the stack\n"
+            self._view.say(
+                f"proj up: {name} exited (rc={code}) {GIVE_UP_EXITS} times within {GIVE_UP_WINDOW:.0f} s: "
+                f"it cannot start, stopping the stack (its output: {self._view.log_path(name)})"
             )
             return message  # honcho's loop stops everything, as for any exit before
         self._waiting[name] = code
         threading.Thread(target=self._start_again, args=(name, delay), daemon=True).start()
-        return Message(
-            "line",
-            f"{name} exited (rc={code}); restarting in {delay:.0f} s\n",
-            self._clock.now(),
-            SYSTEM_PRINTER_NAME,
-            None,
+        self._view.say(
+            f"proj up: {name} exited (rc={code}); restarting in {delay:.0f} s "
+            f"(its output: {self._view.log_path(name)})"
         )
+        return Message("line", f"{name} exited (rc={code})\n", self._clock.now(), SYSTEM_PRINTER_NAME, None)
 
     def _start_again(self, name: str, delay: float) -> None:
         """After `delay`, start `name` with its command and environment and relay what it prints."""
@@ -150,8 +201,10 @@ class _StackManager(Manager):  # type: ignore[misc]
                 return
             if self._shutting_down():
                 self._processes[name]["returncode"] = code
+                self._view.process(name, WAITING_STOPPED)
                 return
-            child = Popen(process.cmd, env=process.env, cwd=process.cwd)
+            # From this thread, which lives as long as the child: the kernel's parent for PDEATHSIG.
+            child = _Popen(process.cmd, env=process.env, cwd=process.cwd)
             self._processes[name]["pid"] = child.pid
         # What honcho's Process.run does in a forked process, here in this thread.
         self._put(name, "start", {"pid": child.pid})
@@ -173,27 +226,30 @@ class _StackManager(Manager):  # type: ignore[misc]
             while self._waiting:  # not running: nothing to signal, already stopped
                 name, code = self._waiting.popitem()
                 self._processes[name]["returncode"] = code
+                self._view.process(name, WAITING_STOPPED)
             super().terminate()
 
     def _start(self) -> None:
+        for entry in self._processes.values():
+            entry["obj"].lifeline_fd = self._lifeline.fd
         super()._start()
         # honcho's own handlers ignore a second Ctrl-C; ours turn it into Celery's cold shutdown.
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
         self._on_started()  # after honcho's forks, so no thread of ours is copied into them
 
     def _on_signal(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
         if self._stopping.is_set():
-            self._system_print(f"{name} again: cold shutdown of the workers (running tasks requeued)\n")
+            self._view.say(f"proj up: {name} again: cold shutdown of the workers (running tasks requeued)")
             for worker in WORKERS:
                 process = self._processes.get(worker, {})
                 if "returncode" not in process:
                     _signal(process.get("pid"), signal.SIGQUIT)
             return
         self._stopping.set()
-        self._system_print(f"{name} received: warm shutdown, workers finish their running tasks\n")
-        self.returncode = 128 + signum
+        self._view.say(f"proj up: {name} received: warm shutdown, workers finish their running tasks")
+        self.returncode = 0  # stopping as asked is a success: `make run` reports no error
         self.terminate()
 
     def _killall(self, force: bool = False) -> None:
@@ -219,32 +275,49 @@ def run_stack(stack: Stack, procfile: Path) -> int:
     missing = {"smtp", "email-1", "files", *(["redis"] if stack.redis_server else [])} - set(commands)
     if missing:
         raise StackError(f"{procfile} has no {', '.join(sorted(missing))} process")
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    backing: list[subprocess.Popen[bytes]] = []
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
+    view = LiveView(stack.logs_dir, ready_lines=READY_LINES)
+    with (stack.logs_dir / "lifeline.log").open("ab") as lifeline_log:
+        lifeline = Lifeline(stack.env_file, lifeline_log)
+    backing: list[tuple[str, subprocess.Popen[bytes]]] = []
+    view.say(f"proj up: starting the local stack; each process's output goes to {stack.logs_dir}/<name>.log")
     try:
         if stack.redis_server:
-            backing.append(_start_backing(stack, "redis", commands["redis"], _redis_ready(stack)))
-        backing.append(_start_backing(stack, "smtp", commands["smtp"], _port_ready(stack.smtp_port)))
-        return _run_celery(stack, {n: c for n, c in commands.items() if n not in BACKING})
-    except KeyboardInterrupt:
-        return 130
+            proc = _start_backing(stack, view, lifeline, "redis", commands["redis"], _redis_ready(stack))
+            backing.append(("redis", proc))
+            view.ready("redis", stack.redis_url)
+        proc = _start_backing(stack, view, lifeline, "smtp", commands["smtp"], _port_ready(stack.smtp_port))
+        backing.append(("smtp", proc))
+        view.ready("smtp", f"127.0.0.1:{stack.smtp_port}")
+        return _run_celery(stack, view, lifeline, {n: c for n, c in commands.items() if n not in BACKING})
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, SIGHUP) before the Celery processes started
+        view.say("proj up: stopping")
+        return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         stack.env_file.unlink(missing_ok=True)
-        for proc in reversed(backing):
-            _stop(proc)
+        for name, proc in reversed(backing):
+            code = _stop(proc)
+            lifeline.release(proc.pid)
+            view.process(name, _stopped(code, view.log_path(name)))
+        lifeline.done()
+        view.say("proj up: stopped")
+        view.close()
 
 
-def _run_celery(stack: Stack, commands: dict[str, str]) -> int:
+def _run_celery(stack: Stack, view: LiveView, lifeline: Lifeline, commands: dict[str, str]) -> int:
     """The workers, beat and Flower under honcho, until all of them have stopped."""
     honcho.manager.KILL_WAIT = SHUTDOWN_GRACE  # honcho's default 5 s would cut warm shutdown short
     stopping = threading.Event()
     started = time.monotonic()
 
     def on_started() -> None:
-        threading.Thread(target=_announce_ready, args=(stack, started, stopping), daemon=True).start()
+        threading.Thread(
+            target=_announce_ready, args=(stack, view, list(commands), started, stopping), daemon=True
+        ).start()
 
-    manager = _StackManager(on_started, stopping)
+    manager = _StackManager(on_started, stopping, view, lifeline)
     for name, command in commands.items():
         manager.add_process(name, command, env=stack.process_env(name))
     try:
@@ -253,52 +326,75 @@ def _run_celery(stack: Stack, commands: dict[str, str]) -> int:
         stopping.set()
         for group in manager.process_groups():
             _MainProcessSignals().kill(group)  # nothing of a group outlives the stack (prefork children)
+            lifeline.release(group)
     return int(manager.returncode or 0)
 
 
-def _announce_ready(stack: Stack, started: float, stopping: threading.Event) -> None:
-    """Wait until both workers answer a ping and Flower answers, then write stack.env and say so."""
+def _stopped(code: int | None, log: Path) -> str:
+    """How one process ended, for the line shown when the stack stops."""
+    if code in STOPPED_AS_ASKED:
+        return "stopped"
+    if code == -signal.SIGKILL:
+        return f"killed (did not stop within the grace period; its output: {log})"
+    return f"stopped (rc={code}; its output: {log})"
+
+
+def _announce_ready(
+    stack: Stack, view: LiveView, names: list[str], started: float, stopping: threading.Event
+) -> None:
+    """One line per process as it answers, then the summary; stack.env is written then."""
     try:
-        waiting = _wait_ready(stack, stopping)
-    except Exception:
-        if stopping.is_set():  # the stack stopped before it was ready, Redis with it: nothing to say
-            return
-        raise
+        _wait_ready(stack, view, names, stopping)
+    except Exception as exc:  # Redis gone meanwhile: one line, the processes' logs tell the rest
+        if not stopping.is_set():
+            view.say(f"proj up: cannot tell whether the stack is ready: {scrub(str(exc))}")
+        return
     if stopping.is_set():
         return
-    write_env_file(stack)
     took = time.monotonic() - started
+    waiting = [name for name in names if not view.is_ready(name) and name not in READY_LINES]
     if waiting:
-        print(f"proj up: after {took:.0f} s still no answer from {', '.join(waiting)}", flush=True)
+        view.say(
+            f"proj up: after {took:.0f} s still no answer from {', '.join(waiting)}; "
+            f"see {stack.logs_dir}/<name>.log"
+        )
     else:
-        print(f"proj up: stack ready in {took:.1f} s; `source {stack.env_file}` to use it", flush=True)
+        view.say(f"proj up: stack ready in {took:.1f} s")
+    view.say(banner(stack))
+    write_env_file(stack)
 
 
-def _wait_ready(stack: Stack, stopping: threading.Event) -> list[str]:
-    """What still does not answer when the wait ends (empty when everything is up)."""
+def _wait_ready(stack: Stack, view: LiveView, names: list[str], stopping: threading.Event) -> None:
+    """Until every worker answers a ping and Flower its health check, or READY_TIMEOUT."""
     from celery import Celery
 
     # A bare app on the stack's Redis: proj's own would take its broker from this shell's variables.
     probe = Celery("proj-up", broker=stack.redis_url, set_as_current=False)
-    missing = {f"{name}@{socket.gethostname()}" for name in WORKERS}
-    flower = False
+    host = socket.gethostname()
+    missing = {f"{name}@{host}" for name in WORKERS if name in names}
+    flower = "flower" not in names
     deadline = time.monotonic() + READY_TIMEOUT
-    while (missing or not flower) and time.monotonic() < deadline and not stopping.is_set():
-        if missing:
-            for reply in probe.control.ping(destination=sorted(missing), timeout=1.0) or []:
-                missing -= set(reply)
-        flower = flower or _http_ok(f"{stack.flower_url}/healthcheck")
-        if missing or not flower:
-            stopping.wait(0.2)
-    probe.close()
-    return sorted(missing) + ([] if flower else ["flower"])
+    try:
+        while (missing or not flower) and time.monotonic() < deadline and not stopping.is_set():
+            if missing:
+                for reply in probe.control.ping(destination=sorted(missing), timeout=1.0) or []:
+                    for node in set(reply) & missing:
+                        missing.discard(node)
+                        view.ready(node.split("@")[0])
+            if not flower and _http_ok(f"{stack.flower_url}/healthcheck"):
+                flower = True
+                view.ready("flower", stack.flower_url)
+            if missing or not flower:
+                stopping.wait(0.2)
+    finally:
+        probe.close()
 
 
 def _start_backing(
-    stack: Stack, name: str, command: str, ready: Callable[[], bool]
+    stack: Stack, view: LiveView, lifeline: Lifeline, name: str, command: str, ready: Callable[[], bool]
 ) -> subprocess.Popen[bytes]:
     """Start Redis or SMTP in its own session (Ctrl-C must not reach it) and wait until it answers."""
-    log = stack.local_dir / f"{name}.log"
+    log = view.log_path(name)
     with log.open("ab") as out:
         proc = subprocess.Popen(
             ["/bin/sh", "-c", command],
@@ -306,11 +402,14 @@ def _start_backing(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=preexec_die_with_parent(),
         )
+    lifeline.hold(proc.pid)
     try:
         _wait_backing(proc, name, log, ready)
     except BaseException:  # Ctrl-C while waiting included: it is not in the caller's list yet
         _stop(proc)
+        lifeline.release(proc.pid)
         raise
     return proc
 
@@ -357,14 +456,14 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM, then SIGKILL to its group if it has not exited within the grace period."""
+def _stop(proc: subprocess.Popen[Any]) -> int | None:
+    """SIGTERM, then SIGKILL to its group if it has not exited within the grace period; its exit code."""
     _signal(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(BACKING_TIMEOUT)
+        return proc.wait(BACKING_TIMEOUT)
     except subprocess.TimeoutExpired:
         _MainProcessSignals().kill(proc.pid)
-        proc.wait(5)
+        return proc.wait(5)
 
 
 def _signal(pid: int | None, sig: int) -> None:
@@ -374,5 +473,5 @@ def _signal(pid: int | None, sig: int) -> None:
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
-    """SIGTERM before honcho takes over: unwind like Ctrl-C so Redis and SMTP get stopped."""
+    """SIGTERM or SIGHUP before honcho takes over: unwind like Ctrl-C so Redis and SMTP get stopped."""
     raise KeyboardInterrupt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,7 +77,16 @@ class LocalStack:
         return self.env_file.exists()
 
     def log(self) -> str:
+        """What `proj up` printed (its terminal)."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def process_log(self, name: str) -> str:
+        """The full output of one process (.local/logs/<name>.log; proj-up for the supervisor's own)."""
+        return process_log(self.local_dir, name)
+
+    def pids(self, name: str) -> list[int]:
+        """The PIDs `proj up` started `name` with, in order."""
+        return started_pids(self.local_dir, name)
 
     def exports(self) -> dict[str, str]:
         """What `source stack.env` sets, read by bash itself from an empty environment."""
@@ -148,3 +158,17 @@ def running(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def process_log(local_dir: Path, name: str) -> str:
+    """The full output of one process of the stack in `local_dir` (proj-up: the supervisor's lines)."""
+    path = local_dir / "logs" / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def started_pids(local_dir: Path, name: str) -> list[int]:
+    """The PIDs honcho reported for `name` (in .local/logs/proj-up.log), in order of start."""
+    found = re.findall(
+        rf"^\S+ {re.escape(name)} started \(pid=(\d+)\)$", process_log(local_dir, "proj-up"), re.M
+    )
+    return [int(pid) for pid in found]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -14,7 +13,7 @@ import psutil
 import pytest
 
 from proj.stack.run import GIVE_UP_EXITS, _Backoff
-from tests.e2e.localstack import VENV_BIN, LocalStack, running, stack_environ
+from tests.e2e.localstack import VENV_BIN, LocalStack, running, stack_environ, started_pids
 from tests.harness import ROOT, wait_for
 
 # The Procfile's Redis and SMTP, stand-ins for the processes `proj up` requires, and one that fails.
@@ -25,11 +24,6 @@ email-1: exec sleep 300
 files: exec sleep 300
 broken: echo cannot start; exit 75
 """
-
-
-def _pids(log: str, name: str) -> list[int]:
-    """The PIDs honcho reported for `name`, in order of start."""
-    return [int(pid) for pid in re.findall(rf"\| {re.escape(name)} started \(pid=(\d+)\)", log)]
 
 
 def test_backoff_doubles_resets_after_a_long_run_and_gives_up_on_quick_failures() -> None:
@@ -58,14 +52,17 @@ def test_backoff_doubles_resets_after_a_long_run_and_gives_up_on_quick_failures(
 def test_killed_worker_is_started_again_and_ctrl_c_still_stops_everything(tmp_path: Path) -> None:
     stack = LocalStack(tmp_path / "local", stack_environ(tmp_path / "local")).start()
     try:
-        [old] = _pids(stack.log(), "files")
+        [old] = stack.pids("files")
         worker = psutil.Process(old)
         assert "files@" in " ".join(worker.cmdline())
         pool = worker.children(recursive=True)  # the prefork children, in the worker's process group
         os.kill(old, signal.SIGKILL)
 
         wait_for(lambda: "files exited (rc=-9); restarting in 1 s" in stack.log(), what="the restart line")
-        new = wait_for(lambda: _pids(stack.log(), "files")[1:], what="files started again")[0]
+        # One line in the live view, pointing at the log that has the whole story.
+        [restart] = [line for line in stack.log().splitlines() if "restarting in" in line]
+        assert restart.endswith(f"(its output: {stack.local_dir / 'logs' / 'files.log'})"), restart
+        new = wait_for(lambda: stack.pids("files")[1:], what="files started again")[0]
         assert new != old
         # Nothing of the killed worker outlives it.
         _, alive = psutil.wait_procs(pool, timeout=10)
@@ -88,13 +85,16 @@ def test_killed_worker_is_started_again_and_ctrl_c_still_stops_everything(tmp_pa
         tree = stack.tree()
         assert new in {p.pid for p in tree}
         stack.interrupt()
-        assert stack.proc is not None and stack.proc.wait(120) == 130, stack.log()[-3000:]
+        assert stack.proc is not None and stack.proc.wait(120) == 0, stack.log()[-3000:]
         _, alive = psutil.wait_procs(tree, timeout=10)
         assert not [p for p in alive if running(p)], stack.log()[-3000:]
         log = stack.log()
         assert "SIGINT received: warm shutdown" in log
         assert log.count("restarting in") == 1, log[-3000:]
-        assert len(_pids(log, "files")) == 2
+        assert len(stack.pids("files")) == 2
+        # Both runs of the worker in its log, each under the line that says which PID it was.
+        for pid in (old, new):
+            assert f"--- proj up: started (pid={pid})" in stack.process_log("files"), pid
     finally:
         left = stack.stop()
     assert not left
@@ -128,10 +128,11 @@ def test_a_process_that_keeps_failing_at_start_stops_the_stack(tmp_path: Path) -
     assert (
         f"broken exited (rc=75) {GIVE_UP_EXITS} times within 60 s: it cannot start, stopping the stack" in out
     )
-    assert len(_pids(out, "broken")) == GIVE_UP_EXITS
+    assert len(started_pids(tmp_path / "local", "broken")) == GIVE_UP_EXITS
     assert "Traceback" not in out, out
+    assert (tmp_path / "local" / "logs" / "broken.log").read_text().count("cannot start") == GIVE_UP_EXITS
     for name in ("email-1", "files"):
-        [pid] = _pids(out, name)
+        [pid] = started_pids(tmp_path / "local", name)
         assert not psutil.pid_exists(pid) or not running(psutil.Process(pid)), name
 
 
@@ -147,5 +148,8 @@ def test_ctrl_c_while_a_process_waits_to_start_again(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=20)
     finally:
         proc.kill()
-    assert proc.returncode == 130, out
-    assert "broken started" not in out, out  # not started again once Ctrl-C came
+    assert proc.returncode == 0, out
+    # Three starts before "restarting in 4 s"; not started again once Ctrl-C came.
+    assert len(started_pids(tmp_path / "local", "broken")) == 3, out
+    assert "broken     stopped (it was waiting to start again)" in out, out
+    assert out.rstrip().endswith("proj up: stopped"), out

@@ -185,9 +185,9 @@ def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def _wait_until_waiting(log: Path) -> None:
-    """Until the worker says it cannot reach Redis and will ask again."""
+    """Until the worker says it cannot reach Redis and will ask again (its step, signal handlers set)."""
     wait_for(
-        lambda: "cannot be reached" in log.read_text(errors="replace"),
+        lambda: "checking the credentials again" in log.read_text(errors="replace"),
         timeout=60,
         interval=0.2,
         what="the worker to wait for Redis",

@@ -1,17 +1,24 @@
-"""How `proj up` decides ports, Redis and Flower credentials, and what it writes to stack.env."""
+"""How `proj up` decides ports, Redis and Flower credentials, what it writes and shows, what it cleans up."""
 
 from __future__ import annotations
 
+import datetime
+import io
+import signal
 import socket
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+from honcho.printer import Message
 
+from proj.redis_check import likely_cause, redis_problem, stack_redis_url
 from proj.settings import Settings
-from proj.stack.plan import EMBEDDED_REDIS_FIRST_PORT, StackError, plan, port_free, write_env_file
-from tests.harness import free_port
+from proj.stack.lifeline import watch
+from proj.stack.plan import EMBEDDED_REDIS_FIRST_PORT, StackError, banner, plan, port_free, write_env_file
+from proj.stack.view import LiveView
+from tests.harness import RedisServer, free_port
 
 
 def _settings(tmp_path: Path, **env: str) -> Settings:
@@ -71,3 +78,86 @@ def test_stack_env_survives_bash_quoting(tmp_path: Path) -> None:
     ).stdout
     assert out == "it's $HOME; `no`"
     assert stat.S_IMODE(stack.env_file.stat().st_mode) == 0o600
+
+
+def test_banner_gives_every_address_and_where_the_password_is_never_the_password(tmp_path: Path) -> None:
+    stack = plan(_settings(tmp_path, FLOWER_PASSWORD="never-printed"), tmp_path)
+    text = banner(stack)
+    assert "never-printed" not in text
+    assert f"  Redis    {stack.redis_url}  (embedded " in text
+    assert f"  SMTP     127.0.0.1:{stack.smtp_port}\n" in text
+    assert f"  Flower   {stack.flower_url}  user admin, password from FLOWER_PASSWORD" in text
+    for label, path in (
+        ("files", stack.files_root),
+        ("mail", tmp_path / "mail"),
+        ("logs", tmp_path / "logs"),
+    ):
+        assert f"\n  {label:<8} {path}" in text, label
+    assert f"source {stack.env_file}" in text
+
+
+def test_likely_cause_of_a_dead_redis(tmp_path: Path) -> None:
+    url = "redis://127.0.0.1:6390/0"
+    given = _settings(tmp_path, REDIS_URL=url)
+    assert "No local stack runs now" in likely_cause(url, given)  # no stack.env: left from a stopped one
+    assert "`unset REDIS_URL" in likely_cause(url, given, starting_stack=True)
+    running = plan(_settings(tmp_path), tmp_path)  # the stack that runs now, on another port
+    write_env_file(running)
+    assert stack_redis_url(running.env_file) == running.redis_url
+    assert likely_cause(url, given) == (
+        f"The running local stack's Redis is {running.redis_url}: `source {running.env_file}` again"
+    )
+    remote = "redis://redis.internal:6379/0"
+    assert likely_cause(remote, _settings(tmp_path, REDIS_URL=remote)).startswith("Check REDIS_URL")
+    assert likely_cause(url, _settings(tmp_path)).startswith("REDIS_URL is not set")
+
+
+def test_a_default_url_that_answers_is_not_the_running_stacks_redis(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    running = plan(_settings(tmp_path), tmp_path)
+    write_env_file(running)
+    # REDIS_URL unset: whatever answers at the default address is not the stack this shell means.
+    verdict, why = redis_problem(redis_server.url, _settings(tmp_path)) or ("", "")
+    assert verdict == "elsewhere", why
+    assert f"not the running local stack's Redis at {running.redis_url}" in why
+    assert redis_problem(redis_server.url, _settings(tmp_path, REDIS_URL=redis_server.url)) is None
+
+
+def test_live_view_shows_few_lines_and_logs_everything(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "files.log").write_text("the previous run\n")
+    terminal = (tmp_path / "terminal").open("w")
+    view = LiveView(logs, terminal, ready_lines={"beat": b"beat: Starting..."})
+    now = datetime.datetime.now()
+    view.write(Message("line", b"[tasks] a long banner\n", now, "files", None))
+    view.write(Message("line", "files started (pid=42)\n", now, "system", None))
+    view.write(Message("line", b"INFO beat: Starting...\n", now, "beat", None))
+    view.ready("files")
+    view.ready("files")  # once only
+    view.close()
+    terminal.close()
+    shown = (tmp_path / "terminal").read_text().splitlines()
+    assert shown == ["  beat       ready", "  files      ready"]
+    assert (logs / "files.log").read_text() == "[tasks] a long banner\n"
+    assert (logs / "files.log.1").read_text() == "the previous run\n"
+    assert "files started (pid=42)" in (logs / "proj-up.log").read_text()
+
+
+def test_lifeline_kills_the_groups_it_holds_when_proj_up_is_gone(tmp_path: Path) -> None:
+    held, released, spared = (subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(3))
+    env_file = tmp_path / "stack.env"
+    env_file.write_text("export REDIS_URL=redis://127.0.0.1:1/0\n")
+    try:
+        # The pipe ends without "done": proj up died.
+        watch(io.StringIO(f"+{held.pid}\n+{released.pid}\n-{released.pid}\n"), env_file)
+        assert held.wait(10) == -signal.SIGKILL
+        assert released.poll() is None and not env_file.exists()
+        # "done": the stack stopped by itself; nothing is killed.
+        assert watch(io.StringIO(f"+{spared.pid}\ndone\n"), env_file) == 0
+        assert spared.poll() is None
+    finally:
+        for proc in (held, released, spared):
+            proc.kill()
+            proc.wait()
