@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -20,6 +21,8 @@ from proj.integration import pipeline
 from proj.settings import get_settings
 
 logger = get_task_logger(__name__)
+# For fail_upload, which runs inside the failing step (a task logger would name it with no id).
+pipeline_logger = logging.getLogger(f"{__name__}.pipeline")
 
 FILES_MAX_RETRIES = 5
 # Backoff stays within the longest countdown the broker may hold, so a retry never outlives
@@ -220,7 +223,7 @@ def fail_upload(request: Any, exc: Exception, traceback: str | None, started_by:
     if isinstance(exc, ChordError) and isinstance(exc.__cause__, Exception):
         exc = exc.__cause__  # a chord member failed: its own error rather than Celery's wrapper
     # INFO: the failing step has logged its own failure already.
-    logger.info("Pipeline %s failed in %s[%s]", started_by["id"], request.task, request.id)
+    pipeline_logger.info("Pipeline %s failed in %s[%s]", started_by["id"], request.task, request.id)
     pipeline.record_failure(app, started_by, exc, traceback, request.hostname)
 
 
