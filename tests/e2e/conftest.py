@@ -20,3 +20,5 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
     yield stack
     left = stack.stop()
     assert not left, f"processes left running after Ctrl-C: {left}\n{stack.log()[-3000:]}"
+    assert stack.proc is not None and stack.proc.returncode == 0, stack.log()[-3000:]
+    assert stack.log().rstrip().endswith("proj up: stopped"), stack.log()[-3000:]
