@@ -5,6 +5,9 @@ whatever `--basic-auth` says, and has no option to change that. `python -m proj.
 `celery -A proj flower ARGS` with that one handler wrapped in Tornado's `authenticated`, the check
 every other Flower page uses. `/healthcheck` stays open: it answers "OK" and nothing else.
 
+`/metrics` also carries proj's own series: queue depths, the oldest message's age, unacknowledged and
+parked messages per queue, dead letters, set-aside messages, canary round trips (proj.integration.metrics).
+
 Flower picks the client that reads queue lengths (Broker page, `/api/queues/length`) by the scheme of
 `app.connection().as_uri()`. With proj's kombu transport selected (`broker_transport`) that scheme is
 the transport's import path, which Flower does not know ("'redis' broker is not supported"). The
@@ -36,6 +39,7 @@ from tornado.options import options
 import celeryconfig
 from proj.integration.kombu_transport import SentinelTransport as ProjSentinelTransport
 from proj.integration.kombu_transport import Transport as ProjTransport
+from proj.integration.metrics import register as register_proj_metrics
 from proj.integration.startup import redis_urls
 from proj.redis_check import redis_problem
 from proj.settings import get_settings
@@ -99,7 +103,7 @@ def auth_problem(argv: Sequence[str]) -> str | None:
 
 
 def run() -> None:
-    """`celery -A proj flower` with the arguments given, `/metrics` protected, queue lengths readable."""
+    """`celery -A proj flower`: `/metrics` protected and with proj's series, queue lengths readable."""
     problem = auth_problem(sys.argv[1:])
     if problem:
         print(f"flower: refusing to start: {problem}", file=sys.stderr)
@@ -112,6 +116,9 @@ def run() -> None:
                 sys.exit(1)
     require_auth_on_metrics()
     read_queues_with_flowers_redis_client()
+    from proj.celery import app  # the app `-A proj` names, loaded once
+
+    register_proj_metrics(app)
     celery.add_command(flower)
     sys.argv = ["celery", "-A", "proj", "flower", *sys.argv[1:]]
     sys.exit(main())

@@ -95,6 +95,8 @@ def test_flower_metrics_require_credentials_too(local_stack: LocalStack) -> None
     assert _get(metrics, (exports["FLOWER_USER"], "wrong"))[0] == 401
     status, body = _get(metrics, (exports["FLOWER_USER"], exports["FLOWER_PASSWORD"]))
     assert status == 200 and b"flower_events_total" in body
+    # proj's own series, read from the stack's Redis (tests/integration/test_metrics.py checks values).
+    assert b"proj_redis_up 1.0" in body and b'proj_queue_messages{queue="email"}' in body
     assert _get(exports["FLOWER_URL"] + "/healthcheck") == (200, b"OK")
 
 
