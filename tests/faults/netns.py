@@ -89,7 +89,7 @@ class Network:
 
     labels: tuple[str, ...]
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
-    subnet: str = field(default_factory=_free_subnet)
+    subnet: str = ""  # 10.231.N, chosen by `create`
     hosts: dict[str, Host] = field(default_factory=dict)
 
     @property
@@ -103,6 +103,7 @@ class Network:
 
     def create(self) -> Network:
         """Bridge up first, then each namespace with its veth, address and loopback."""
+        self.subnet = _free_subnet()
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
@@ -125,7 +126,9 @@ class Network:
 
     def destroy(self) -> list[str]:
         """Delete every namespace (its veth goes with it) and the bridge; what could not be deleted."""
-        left = []
+        left: list[str] = []
+        if not self.subnet:  # nothing was made
+            return left
         for label in self.labels:
             netns = f"pj-{self.tag}-{label}"
             _ip("link", "del", f"pjv-{self.tag}-{label}", check=False)
