@@ -189,6 +189,11 @@ def test_metrics_show_what_redis_holds_behind_flowers_auth(
     recorded = json.loads(redis_client.hget("proj:canary", BUSY))
     assert _by_label(families["proj_canary_last_probe_timestamp_seconds"], "queue") == {BUSY: recorded["at"]}
 
+    # Flower's Broker page (its /api/queues/length) shows the same depths for the queues it lists.
+    status, answer = _get(f"{flower_url}/api/queues/length", (USER, PASSWORD))
+    listed = {q["name"]: q["messages"] for q in json.loads(answer)["active_queues"]}
+    assert status == 200 and listed and listed == {q: depths[q] for q in listed}, answer
+
     # `proj status` reads the same figures.
     report = json.loads(run_proj(worker_env, "status", "--json", "--timeout", "2").stdout)
     shown = {q["name"]: q for q in report["queues"]}
