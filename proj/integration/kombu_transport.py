@@ -508,7 +508,8 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             return
         with _LEFT_BEHIND_LOCK:
             _LEFT_BEHIND.difference_update(lists)
-        logger.warning("Gave back %d message(s) a closed channel had left in %s", moved, lists)
+        if moved:
+            logger.warning("Gave back %d message(s) a closed channel had left in %s", moved, lists)
 
     def _check_unawaited(self) -> None:
         """Before taking a message: every unawaited write has been answered, and none refused.

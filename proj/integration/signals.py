@@ -17,6 +17,7 @@ from proj.settings import get_settings
 from proj.stores.connection import redis_client
 from proj.stores.deadletters import REPLAY_OF_HEADER, DeadLetter, DeadLetterStore
 from proj.stores.queues import SENT_AT_HEADER
+from proj.stores.refused import retry_while_refused
 from proj.stores.setaside import KEY as SET_ASIDE_KEY
 from proj.stores.setaside import SetAsideStore
 
@@ -61,7 +62,9 @@ def record_dead_letter(
         replay_of=((getattr(request, "headers", None) or {}).get(REPLAY_OF_HEADER)),
     )
     try:
-        _store().record(letter)
+        # A write Redis refuses for now (full, a promoted replica waiting for its replicas) is
+        # waited out, bounded: the dead letter is the one copy of the task left to replay.
+        retry_while_refused(lambda: _store().record(letter), f"the dead letter of task {task_id}")
     except redis.RedisError:
         # The failure is still in the result backend and the log; never fail the worker over it.
         logger.exception("Could not record dead letter for task %s", task_id)
@@ -99,7 +102,9 @@ def set_aside(message: Any, reason: str) -> None:
     queue = info.get("routing_key", "?") if isinstance(info, dict) else "?"
     raw = _raw(message)
     try:
-        _set_aside_store().add(raw)
+        retry_while_refused(
+            lambda: _set_aside_store().add(raw), f"the set-aside copy of a message from {queue}"
+        )
     except redis.RedisError:
         logger.exception("Could not set aside a message from %s (%s): %r", queue, reason, raw[:200])
         return

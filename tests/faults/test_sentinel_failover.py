@@ -3,7 +3,8 @@
 Workers, the producer and Flower run on the sentinel:// URL and must follow the promotion without a
 restart. Redis replicates asynchronously: writes the master acknowledged but had not yet sent to the
 replica are gone after the promotion, so lost and duplicated work is measured and reported, not
-forbidden. The second run gives the master `min-replicas-to-write 1` (docs/sentinel.md).
+forbidden. The second run gives both servers `min-replicas-to-write 1`: after the promotion the new
+master refuses writes until the old one is back as its replica; no worker may exit (docs/sentinel.md).
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ def _ready(worker: WorkerProcess) -> bool:
 
 
 @pytest.mark.timeout(600)
-# MIN_REPLICAS is not a run yet: with it the email workers exit at the failover (NOREPLICAS on a
-# reconnect's queue bind is no refused write they wait out); docs/sentinel.md has the measurement.
-@pytest.mark.parametrize("master_args", [()], ids=["async"])
+# With MIN_REPLICAS the promoted replica refuses every write (NOREPLICAS) until the old master is
+# back as its replica: workers wait that out like any refused write (proj.stores.refused).
+@pytest.mark.parametrize("master_args", [(), MIN_REPLICAS], ids=["async", "min-replicas"])
 def test_workers_producer_and_flower_follow_a_sentinel_failover(
     worker_env, smtp_server, tmp_path: Path, master_args: tuple[str, ...]
 ):
@@ -175,7 +176,7 @@ def test_workers_producer_and_flower_follow_a_sentinel_failover(
         kinds["ledger"] = sum(1 for k in email_keys.values() if (ledger.get(k) or {}).get("state") != "sent")
         twice = {i: n for i, n in runs.items() if n > 1 and i in canary_ids}
         note = (
-            f"{'+'.join(master_args[::2]).strip('-') or 'async replication'}; "
+            f"{' '.join(arg.lstrip('-') for arg in master_args) or 'async replication'}; "
             f"replica {lag} bytes behind at the kill, promoted in {promoted_in:.1f} s; lost: "
             + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items()))
             + f"; {produced['publish_retries']} publish retries{refused}"
