@@ -69,6 +69,7 @@ def test_a_failing_step_fails_the_pipeline_under_its_own_id_and_name(
     slip, member = process_upload.delay("slip.zip"), process_upload.delay("bad-member.zip")
     for result in (slip, member):
         result.get(timeout=60, propagate=False)  # the caller is told; it does not wait forever
+    events = monitor.events_for([slip.id, member.id], until="task-failed")
     assert slip.state == "FAILURE" and type(slip.result).__name__ == "UnsafePathError"
     assert "zip slip" in str(slip.result)
     # A member check of the chord failed: the pipeline fails with that check's own error.
@@ -79,7 +80,7 @@ def test_a_failing_step_fails_the_pipeline_under_its_own_id_and_name(
         assert (meta["status"], meta["name"]) == ("FAILURE", "tasks.files.process_upload")
 
     # What Flower reads: the id was received as process_upload and ends failed, with the error.
-    state = _flower_state(monitor.events_for([slip.id, member.id], until="task-failed"))
+    state = _flower_state(events)
     for result in (slip, member):
         task = state.tasks[result.id]
         assert (task.name, task.state) == ("tasks.files.process_upload", "FAILURE"), task.info()
@@ -94,16 +95,17 @@ def test_a_succeeding_pipeline_ends_success_under_its_own_id_and_name(
     start_worker("files", pool="prefork", concurrency=2)
     ff.v7_tar_of(files_root / "old.tar", {"notes.csv": b'id,note\n1,"two\nlines"\n2,x\n'})
     cell = "x" * 70 * 1024
-    (files_root / "wide.csv").write_text(f'id,blob\n1,"{cell}"\n2,short\n')
+    (files_root / "wide.csv").write_text(f'id,blob,n\n1,"{cell}",3\n2,short,4\n')
     monitor = EventMonitor(celery_app, redis_client, kind="*")
     tar, wide = process_upload.delay("old.tar"), process_upload.delay("wide.csv")
     tar_summary, wide_summary = tar.get(timeout=60), wide.get(timeout=60)
+    events = monitor.events_for([tar.id, wide.id], until="task-succeeded")
 
     assert tar.state == "SUCCESS" and tar_summary["kind"] == "archive"  # a V7 tar, no ustar marker
     [notes] = tar_summary["outputs"]["members"]
     assert notes["kind"] == "csv"  # quoted newlines: still a CSV
     assert wide_summary["kind"] == "csv" and wide_summary["outputs"]["import"]["rows"] == 2
-    state = _flower_state(monitor.events_for([tar.id, wide.id], until="task-succeeded"))
+    state = _flower_state(events)
     for result in (tar, wide):
         task = state.tasks[result.id]
         assert (task.name, task.state) == ("tasks.files.process_upload", "SUCCESS"), task.info()
