@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proj.integration.metrics import ProjCollector
+from proj.stores.connection import redis_client as proj_redis_client
 from tests.harness import ROOT, free_port, run_proj, stop_process, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.stock_too]
@@ -213,3 +216,13 @@ def test_metrics_show_what_redis_holds_behind_flowers_auth(
     assert sorted(letters) == [["PermanentError", "2"], ["TypeError", "1"]], text
     assert "Set aside: 1" in text
     worker.kill()  # its two canaries would hold a warm shutdown for a minute
+
+
+def test_a_redis_that_does_not_answer_leaves_proj_redis_up_0_and_no_figures(celery_app: Any) -> None:
+    nobody = proj_redis_client(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=2)
+    registry = CollectorRegistry()
+    registry.register(ProjCollector(celery_app, nobody))
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    assert set(families) == PROJ_SERIES
+    assert [s.value for s in families["proj_redis_up"].samples] == [0]
+    assert not [s for name, f in families.items() if name != "proj_redis_up" for s in f.samples]

@@ -16,7 +16,10 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from proj.integration.metrics import ProjCollector
 from proj.stores.delayed import DelayedSet
 from tests.conftest import EMAIL_QUEUES, smtp_env
 from tests.harness import IN_CI, ROOT, WorkerProcess, free_port, run_proj, wait_for
@@ -170,7 +173,7 @@ def test_a_countdown_past_the_broker_limit_waits_in_rabbitmq_not_in_a_worker(
     assert amqp_app.send_task(CANARY, countdown=0.4).get(timeout=30)["hostname"] == worker.nodename
 
 
-def test_status_reads_queue_depths_from_rabbitmq(amqp_worker, amqp_app, amqp_url, worker_env):
+def test_status_reads_queue_depths_from_rabbitmq(amqp_worker, amqp_app, amqp_url, worker_env, redis_client):
     worker = amqp_worker("default", pool="solo", concurrency=1)
     worker.stop()
     amqp_app.send_task(CANARY, queue="files")  # nobody consumes files here: it waits
@@ -179,6 +182,15 @@ def test_status_reads_queue_depths_from_rabbitmq(amqp_worker, amqp_app, amqp_url
     report = json.loads(status.stdout)
     depths = {queue["name"]: queue["depth"] for queue in report["queues"]}
     assert depths == {"email": 0, "email_bulk": 0, "files": 1, "default": 0}, status.stderr
+    # RabbitMQ keeps taken and delayed messages itself: neither is read from Redis, nor shown as 0.
+    assert {(queue["unacked"], queue["parked"]) for queue in report["queues"]} == {(None, None)}
+    # /metrics (proj's collector in Flower's process) reads the same depths from RabbitMQ.
+    registry = CollectorRegistry()
+    registry.register(ProjCollector(amqp_app, redis_client))
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    assert {s.labels["queue"]: s.value for s in families["proj_queue_messages"].samples} == depths
+    assert not families["proj_queue_unacked_messages"].samples
+    assert not families["proj_queue_parked_messages"].samples
     check = run_proj(env, "status", "--check", timeout=60)
     assert check.returncode == 0 and "not available" in check.stdout
 
