@@ -278,7 +278,7 @@ def test_hosts_share_limits_and_ledger_and_a_cut_off_host_is_covered(
             d: busiest_second([i.received_at for i in sink.received if i.rcpt_tos[0].endswith("@" + d)])
             for d in DOMAINS
         }
-        held = f"{len(cut.taken & canary_ids)} task and {len(cut.taken & email_ids)} emails"
+        held = f"{len(cut.taken & canary_ids)} task(s) and {len(cut.taken & email_ids)} email(s)"
         report(
             Outcome(
                 "many hosts",
@@ -289,7 +289,7 @@ def test_hosts_share_limits_and_ledger_and_a_cut_off_host_is_covered(
                 resumed_in=cut.restored_at - cut.cut_at,
                 note=(
                     f"3 hosts; B cut off {cut.restored_at - cut.cut_at:.1f} s (lease {LEASE:.0f} s) until A "
-                    f"and C had done the {held} it held; run twice: {len(twice)} task B ran before the cut; "
+                    f"and C had done the {held} it held; run twice: {len(twice)} task(s) B had run; "
                     f"{len(again)} email tasks ended again on the ledger's record; mail by host "
                     f"{sorted(senders.values())}; busiest second per domain {sorted(by_domain.values())} "
                     f"(limit {PER_SECOND}/s); B ran {cut.ran_after()} after its return"
