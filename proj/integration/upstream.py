@@ -90,6 +90,12 @@ TOUCHED = {
         "celery.worker.components:Pool",
         "celery.worker.components:Timer",
         "celery.worker.consumer.events:Events",
+        # pipeline.py: an outcome stored under another task's id; a chord member's error as the cause
+        "celery.app.task:Context",
+        "celery.backends.base:Backend.mark_as_done",
+        "celery.backends.base:Backend.mark_as_failure",
+        "celery.backends.base:Backend.chord_error_from_stack",
+        "celery.backends.base:_create_chord_error_with_cause",
     ],
     "redis": [
         "redis.connection:AbstractConnection.send_packed_command",
