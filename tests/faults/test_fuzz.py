@@ -48,8 +48,8 @@ TASKS: dict[str, tuple[str, ...]] = {
     "tasks.files.process_upload": ("key", "notify"),
     "tasks.health.canary": ("hold",),
 }  # fmt: skip
-# A failed step of a pipeline fails the ids that follow it too; its dead letter is the step's own.
-REPLACED = {"tasks.files.process_upload"}
+# A failed step of a pipeline fails the pipeline's id too; the dead letter is the step's own.
+PIPELINES = {"tasks.files.process_upload"}
 # How many leading arguments a task cannot do without.
 REQUIRED = {
     "tasks.email.send_bulk": 2,
@@ -235,7 +235,7 @@ def test_fuzzed_arguments_end_in_success_or_a_clear_permanent_failure(
             _describe(c, r) for c, r in sent if not (r.successful() or (r.failed() and _clear(c[0], r)))
         ]
         assert not unclear, "\n".join(unclear)
-        failed = [(c, r) for c, r in sent if r.failed() and c[0] not in REPLACED]
+        failed = [(c, r) for c, r in sent if r.failed() and c[0] not in PIPELINES]
         # Celery stores the FAILURE before it sends task_failure: the letter can trail the result.
         wait_for(
             lambda: all(store.get(r.id) for _, r in failed), timeout=10, what="a dead letter per failure"
