@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -41,7 +41,6 @@ class LiveView:
         self._files: dict[str, int] = {}
         self._ready_lines = dict(ready_lines or {})
         self._ready: set[str] = set()
-        self.on_ready: Callable[[str], None] | None = None
 
     def log_path(self, name: str) -> Path:
         """Where the output of process `name` goes."""
@@ -66,10 +65,9 @@ class LiveView:
                 return
             self._ready.add(name)
         self.process(name, f"ready  {detail}")
-        if self.on_ready:
-            self.on_ready(name)
 
     def is_ready(self, name: str) -> bool:
+        """Whether `name` has had its ready line."""
         return name in self._ready
 
     def append(self, name: str, data: bytes) -> None:
