@@ -63,12 +63,26 @@ task_queues = (
     Queue("default", _direct, routing_key="default"),
 )
 # RabbitMQ (amqp://): every queue a quorum queue, replicated and with a delivery limit, so a message
-# that kills its worker again and again is dropped after BROKER_DELIVERY_LIMIT redeliveries instead
-# of looping forever. Topic exchange: Celery's native delayed delivery (for quorum queues) routes
+# that kills its worker again and again leaves the queue after BROKER_DELIVERY_LIMIT redeliveries
+# instead of looping forever. Topic exchange: Celery's native delayed delivery (for quorum queues) routes
 # countdowns through RabbitMQ, so no worker holds a message unacknowledged past consumer_timeout.
 _amqp_broker = broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+# RabbitMQ: a message over the delivery limit is dead-lettered to proj.dead (a quorum queue), at
+# least once (it stays in its queue until proj.dead has it; RabbitMQ requires reject-publish for
+# that), and workers of the default queue move it into proj's dead-letter store
+# (proj.integration.dead_letter_mover). None on Redis, where proj's signal handlers keep them.
+proj_dead_letter_queue = None
 if _amqp_broker:
-    _quorum = {"x-queue-type": "quorum", "x-delivery-limit": _env_int("BROKER_DELIVERY_LIMIT", 5)}
+    proj_dead_letter_queue = Queue(
+        "proj.dead", Exchange("proj.dead", type="fanout"), queue_arguments={"x-queue-type": "quorum"}
+    )
+    _quorum = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": _env_int("BROKER_DELIVERY_LIMIT", 5),
+        "x-dead-letter-exchange": "proj.dead",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
     _topic = Exchange("proj", type="topic")
     task_queues = tuple(  # type: ignore[assignment]  # the same four queues
         Queue(q.name, _topic, routing_key=q.routing_key, queue_arguments=_quorum) for q in task_queues

@@ -6,6 +6,7 @@ from celery.signals import worker_init
 
 import celeryconfig
 import proj.integration.signals  # noqa: F401  (connects the dead-letter and publish-time handlers)
+from proj.integration.dead_letter_mover import DeadLetterMover
 from proj.integration.kombu_transport import keep_proj_transport_on_failover, wait_out_refused_binds
 from proj.integration.native_delay import Celery
 from proj.integration.parking import DelayedRelease
@@ -30,6 +31,8 @@ app.steps["worker"].add(CredentialCheck)
 app.steps["worker"].add(DelayedRelease)
 # Every worker exits (to be restarted) when its consumer stops taking messages (docs/operations.md).
 app.steps["worker"].add(ConsumerWatchdog)
+# RabbitMQ only: workers of the default queue move dead-lettered messages into proj's stores.
+app.steps["consumer"].add(DeadLetterMover)
 if not STOCK:
     # A Sentinel failover keeps proj's transport (kombu re-resolves the scheme of the next URL).
     keep_proj_transport_on_failover()

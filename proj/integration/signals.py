@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -83,8 +84,11 @@ def stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
 # body) such a message, which deletes it from Redis. A copy goes to the set-aside list first.
 
 
-def _raw(message: Any) -> bytes:
-    """The message as the queue held it: kombu's virtual transport keeps the decoded JSON in `_raw`."""
+def envelope(message: Any) -> bytes:
+    """The message as the queue held it: kombu's virtual transport (Redis) keeps its JSON in `_raw`;
+    a RabbitMQ message is written in the same shape (body, content type, headers, properties)."""
+    if not hasattr(message, "_raw") and hasattr(message, "body") and hasattr(message, "headers"):
+        return _amqp_envelope(message)
     raw = getattr(message, "_raw", message)
     if isinstance(raw, bytes):
         return raw
@@ -96,11 +100,35 @@ def _raw(message: Any) -> bytes:
         return repr(raw).encode()
 
 
+def _amqp_envelope(message: Any) -> bytes:
+    """A RabbitMQ message as JSON; a body that is not UTF-8 travels base64-encoded, as on Redis."""
+    body, encoding = message.body, None
+    if isinstance(body, bytes):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError:
+            body, encoding = base64.b64encode(body).decode("ascii"), "base64"
+    properties = {k: v for k, v in (message.properties or {}).items() if k != "application_headers"}
+    if encoding:
+        properties["body_encoding"] = encoding
+    info = message.delivery_info or {}
+    properties["delivery_info"] = {"exchange": info.get("exchange"), "routing_key": info.get("routing_key")}
+    kept = {
+        "body": body,
+        "content-encoding": message.content_encoding,
+        "content-type": message.content_type,
+        "headers": message.headers,
+        "properties": properties,
+    }
+    # x-death carries timestamps, and a header may hold any AMQP type: str() whatever JSON lacks.
+    return json.dumps(kept, default=str).encode()
+
+
 def set_aside(message: Any, reason: str) -> None:
     """Keep a copy of `message` in the set-aside list and say so in the log; never raise."""
     info = getattr(message, "delivery_info", None) or {}
     queue = info.get("routing_key", "?") if isinstance(info, dict) else "?"
-    raw = _raw(message)
+    raw = envelope(message)
     try:
         retry_while_refused(
             lambda: _set_aside_store().add(raw), f"the set-aside copy of a message from {queue}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
@@ -20,7 +21,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proj.integration.metrics import ProjCollector
+from proj.stores.deadletters import ENTRIES_KEY, DeadLetterStore
 from proj.stores.delayed import DelayedSet
+from proj.stores.setaside import SetAsideStore
 from tests.conftest import EMAIL_QUEUES, smtp_env
 from tests.harness import IN_CI, ROOT, WorkerProcess, free_port, run_proj, wait_for
 
@@ -195,17 +198,91 @@ def test_status_reads_queue_depths_from_rabbitmq(amqp_worker, amqp_app, amqp_url
     assert check.returncode == 0 and "not available" in check.stdout
 
 
-def test_a_poison_message_is_dropped_after_the_delivery_limit(amqp_app):
-    # What a task that kills its worker each time amounts to: the message comes back, again and again.
-    queue = amqp_app.amqp.queues["email_bulk"]
-    limit = queue.queue_arguments["x-delivery-limit"]
-    with amqp_app.connection_for_write() as connection:
+def _reject_until_dead_lettered(app: Any, queue_name: str) -> int:
+    """What a task that kills its worker each time amounts to: each delivery comes back, past the limit."""
+    queue = app.amqp.queues[queue_name]
+    limit = int(queue.queue_arguments["x-delivery-limit"])
+    with app.connection_for_write() as connection:
         bound = queue.bind(connection.default_channel)
-        bound.declare()
-        bound.purge()
-        connection.Producer().publish({"poison": True}, exchange=queue.exchange, routing_key="email_bulk")
         # The first delivery and `limit` returns; the next return goes over the limit.
         for _ in range(limit + 1):
             wait_for(lambda: bound.get(no_ack=False), timeout=10, what="a delivery").reject(requeue=True)
-        time.sleep(1)
-        assert bound.get(no_ack=False) is None  # dropped, not delivered a (limit + 2)nd time
+        assert bound.get(no_ack=False) is None  # left the queue, not delivered a (limit + 2)nd time
+    return limit
+
+
+def _depth(vhost: str, queue: str) -> int:
+    rows = json.loads(_rabbitmqctl("list_queues", "-p", vhost, "name", "messages", "--formatter", "json"))
+    return int({row["name"]: row["messages"] for row in rows}[queue])
+
+
+def test_a_poison_message_becomes_a_dead_letter_that_replays(
+    amqp_worker, amqp_app, amqp_url, worker_env, redis_client, vhost
+):
+    worker = amqp_worker("default", pool="solo", concurrency=1)  # workers of `default` move dead letters
+    env = {**worker_env, "CELERY_BROKER_URL": amqp_url}
+    poisoned = amqp_app.send_task(CANARY, kwargs={"hold": 0}, queue="email_bulk")  # no worker takes it
+    limit = _reject_until_dead_lettered(amqp_app, "email_bulk")
+
+    store = DeadLetterStore(redis_client)
+    letter = wait_for(lambda: store.get(poisoned.id), timeout=30, what="the dead letter in Redis")
+    assert (letter.task_name, letter.kwargs, letter.queue) == (CANARY, {"hold": 0}, "email_bulk")
+    assert letter.exc_type == "DeliveryLimitExceeded"
+    assert f"delivered {limit + 1} times" in letter.message and "delivery_limit" in letter.message
+    assert json.loads(redis_client.hget(ENTRIES_KEY, poisoned.id))["exc_type"] == "DeliveryLimitExceeded"
+    # Acknowledged once Redis had it: nothing is left in RabbitMQ's dead-letter queue.
+    wait_for(lambda: _depth(vhost, "proj.dead") == 0, timeout=10, what="proj.dead to be empty")
+    listed = run_proj(env, "dlq", "list", timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert f"{poisoned.id}\n  {CANARY} on email_bulk" in listed.stdout, listed.stdout
+    assert "DeliveryLimitExceeded: delivered" in listed.stdout, listed.stdout
+
+    replay = run_proj(env, "dlq", "replay", poisoned.id, timeout=60)
+    assert replay.returncode == 0, replay.stderr
+    new_id = replay.stdout.split()[-1]
+    # Routed by name, as any call: the canary's own queue, which this worker consumes.
+    assert amqp_app.AsyncResult(new_id).get(timeout=30)["hostname"] == worker.nodename
+    assert store.get(poisoned.id).replayed_as == new_id
+
+
+def test_unreadable_messages_over_the_limit_are_set_aside(amqp_worker, amqp_app, redis_client, vhost):
+    amqp_worker("default", pool="solo", concurrency=1)
+    queue = amqp_app.amqp.queues["email_bulk"]
+    with amqp_app.connection_for_write() as connection:
+        producer = connection.Producer()
+        producer.publish({"poison": True}, exchange=queue.exchange, routing_key="email_bulk")
+        producer.publish(
+            b"\xff\xfe not utf-8",
+            exchange=queue.exchange,
+            routing_key="email_bulk",
+            content_type="application/octet-stream",
+            content_encoding="binary",
+        )
+    limit = int(queue.queue_arguments["x-delivery-limit"])
+    with amqp_app.connection_for_write() as connection:
+        bound = queue.bind(connection.default_channel)
+        for _ in range(2 * (limit + 1)):
+            wait_for(lambda: bound.get(no_ack=False), timeout=10, what="a delivery").reject(requeue=True)
+        assert bound.get(no_ack=False) is None
+    store = SetAsideStore(redis_client)
+    wait_for(lambda: store.count() == 2, timeout=30, what="two set-aside messages")
+    kept = [json.loads(raw) for raw in store.list()]
+    bodies = {entry["properties"].get("body_encoding"): entry["body"] for entry in kept}
+    assert json.loads(bodies[None]) == {"poison": True}
+    assert base64.b64decode(bodies["base64"]) == b"\xff\xfe not utf-8"
+    assert {entry["headers"]["x-first-death-reason"] for entry in kept} == {"delivery_limit"}
+    wait_for(lambda: _depth(vhost, "proj.dead") == 0, timeout=10, what="proj.dead to be empty")
+
+
+def test_an_unknown_task_is_set_aside_once(amqp_worker, amqp_app, redis_client, vhost):
+    worker = amqp_worker("default", pool="solo", concurrency=1)
+    amqp_app.send_task("tasks.health.no_such_task", queue="default")
+    store = SetAsideStore(redis_client)
+    wait_for(lambda: store.count() == 1, timeout=30, what="the set-aside copy")
+    # The worker set it aside and rejected it; RabbitMQ dead-letters the rejection, and the mover
+    # acknowledges that without a second copy.
+    wait_for(lambda: "was rejected by a worker" in worker.log(), timeout=30, what="the mover's line")
+    wait_for(lambda: _depth(vhost, "proj.dead") == 0, timeout=10, what="proj.dead to be empty")
+    assert store.count() == 1
+    (entry,) = [json.loads(raw) for raw in store.list()]
+    assert entry["headers"]["task"] == "tasks.health.no_such_task"
