@@ -245,6 +245,30 @@ def test_a_poison_message_becomes_a_dead_letter_that_replays(
     assert store.get(poisoned.id).replayed_as == new_id
 
 
+def test_a_task_that_kills_its_worker_each_time_ends_as_a_dead_letter(amqp_worker, amqp_app, redis_client):
+    amqp_worker("default", pool="solo", concurrency=1)  # the mover
+    crashing = amqp_worker("email_bulk", pool="prefork", concurrency=1)
+    limit = int(amqp_app.amqp.queues["email_bulk"].queue_arguments["x-delivery-limit"])
+    result = amqp_app.send_task(CANARY, kwargs={"hold": 30}, queue="email_bulk")
+
+    def running_in() -> int | None:
+        """The pid of the pool process running the task now, if one is."""
+        active = amqp_app.control.inspect([crashing.nodename], timeout=1).active() or {}
+        pids = [t.get("worker_pid") for t in active.get(crashing.nodename, []) if t["id"] == result.id]
+        return pids[0] if pids and pids[0] else None
+
+    killed: list[int] = []
+    # The first delivery and `limit` redeliveries, each ended by the death of the process running it.
+    for _ in range(limit + 1):
+        pid = wait_for(lambda: (p := running_in()) not in (None, *killed) and p, timeout=30, what="a run")
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    store = DeadLetterStore(redis_client)
+    letter = wait_for(lambda: store.get(result.id), timeout=30, what="the dead letter in Redis")
+    assert (letter.exc_type, letter.queue) == ("DeliveryLimitExceeded", "email_bulk")
+    assert running_in() is None and crashing.proc is not None and crashing.proc.poll() is None
+
+
 def test_unreadable_messages_over_the_limit_are_set_aside(amqp_worker, amqp_app, redis_client, vhost):
     amqp_worker("default", pool="solo", concurrency=1)
     queue = amqp_app.amqp.queues["email_bulk"]
