@@ -11,6 +11,12 @@ lease or visibility timeout as after any exit.
 
 It runs in a thread of its own with its own Redis client: the worker's timer runs on the event loop
 (threads, solo) and a Redis call blocked there on a dead socket would stall the check with it.
+
+On RabbitMQ the same check reads each queue's ready messages by a passive `queue_declare` on a
+connection of its own (read and write timeouts of one interval at most): a queue whose consumer
+RabbitMQ cancelled (a deleted and declared again queue) or that a stuck channel no longer receives
+from holds messages while the worker, free, receives nothing. Consumption stamps (`proj status
+--check`) are Redis-only and not written there.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from typing import Any
 import redis
 from celery import bootsteps, signals
 from celery.worker import state
+from kombu import Connection
 
+from proj.integration.native_delay import AMQP_SCHEMES
 from proj.settings import REDIS_BROKER_SCHEMES, get_settings
 from proj.stores.connection import redis_client
 from proj.stores.consumption import ConsumptionStamps
@@ -105,26 +113,53 @@ class ConsumerWatchdog(bootsteps.StartStopStep):
         self.thread: threading.Thread | None = None
         self.worker: Any = None
         self.client: redis.Redis[bytes] | None = None
+        self.amqp: Connection | None = None  # RabbitMQ brokers: the watchdog's own connection
+        self.depths: dict[str, int] = {}  # the last sample's ready messages per queue
 
     def start(self, worker: Any) -> None:
         if self.window <= 0:
             return
-        if not worker.app.conf.broker_url.startswith(REDIS_BROKER_SCHEMES):
-            # It reads Redis queue lists; on RabbitMQ, consumer_timeout and heartbeats cover a stuck consumer.
-            logger.info("Consumer watchdog off: it reads Redis queue lists and the broker is not Redis")
+        url = str(worker.app.conf.broker_url)
+        # Its own connection: the worker's are the ones that may be stuck. A timeout here means
+        # "cannot tell", and the next sample connects afresh.
+        timeout = min(max(self.interval, 0.5), 5.0)
+        if url.startswith(REDIS_BROKER_SCHEMES):
+            self.client = redis_client(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        elif url.startswith(AMQP_SCHEMES):
+            self.amqp = worker.app.connection_for_read(
+                connect_timeout=timeout,
+                heartbeat=0,  # nothing services heartbeats between samples; the timeouts bound each read
+                transport_options={"read_timeout": timeout, "write_timeout": timeout},
+            )
+        else:
+            logger.info("Consumer watchdog off: it reads Redis or RabbitMQ queues and the broker is neither")
             return
         self.worker = worker
-        # Its own client: the worker's connections are the ones that may be stuck. A timeout here
-        # means "cannot tell" and redis-py connects afresh on the next command.
-        timeout = min(max(self.interval, 0.5), 5.0)
-        self.client = redis_client(
-            worker.app.conf.broker_url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
         self.thread = threading.Thread(target=self.run, name="proj-consumer-watchdog", daemon=True)
         self.thread.start()
 
     def stop(self, worker: Any) -> None:
         self.stopping.set()
+        if self.amqp is not None:
+            self.amqp.collect()  # drop the socket without a close handshake: the thread may be reading it
+
+    def read_depths(self, queues: list[str]) -> dict[str, int]:
+        """Messages waiting in each queue: Redis list lengths, or RabbitMQ's ready count."""
+        if self.amqp is not None:
+            channel: Any = self.amqp.default_channel
+            return {
+                queue: int(channel.queue_declare(queue=queue, passive=True).message_count) for queue in queues
+            }
+        assert self.client is not None
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.llen(queue)
+            return dict(zip(queues, (int(n) for n in pipe.execute()), strict=True))
+
+    def _read_errors(self) -> tuple[type[BaseException], ...]:
+        if self.amqp is None:
+            return (redis.RedisError,)
+        return (OSError, *self.amqp.connection_errors, *self.amqp.channel_errors)
 
     def run(self) -> None:
         """Check every interval until the worker stops."""
@@ -154,23 +189,24 @@ class ConsumerWatchdog(bootsteps.StartStopStep):
 
     def check(self) -> list[str]:
         """Take one sample; stamp the queues accounted for and return the stalled ones."""
-        assert self.client is not None
         queues = self.queues()
         if not queues:
             self.watch.reset()
             return []
         received, free = _received, self.free()
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for queue in queues:
-                    pipe.llen(queue)
-                depths = dict(zip(queues, (int(n) for n in pipe.execute()), strict=True))
-        except redis.RedisError as exc:
-            # An unreachable Redis is for Celery's reconnect to handle, not a stall: start afresh.
+            depths = self.read_depths(queues)
+        except self._read_errors() as exc:
+            # An unreachable broker is for Celery's reconnect to handle, not a stall: start afresh.
             logger.debug("Consumer watchdog cannot read queue lengths: %s", exc)
+            if self.amqp is not None:
+                self.amqp.collect()  # a half-read channel is of no use: connect afresh next time
             self.watch.reset()
             return []
+        self.depths = depths
         fine, stalled = self.watch.observe(time.monotonic(), received, free, depths)
+        if self.client is None:
+            return stalled  # RabbitMQ: consumption stamps are Redis-only
         try:
             ConsumptionStamps(self.client).stamp(fine, self.window)
         except redis.RedisError as exc:
@@ -179,11 +215,13 @@ class ConsumerWatchdog(bootsteps.StartStopStep):
 
     def exit(self, stalled: list[str]) -> None:
         """Say why, then stop the worker with STALLED_EXIT_CODE; exit hard if it cannot stop in time."""
-        assert self.client is not None
-        try:
-            waiting = "; ".join(_describe(stat) for stat in queue_stats(self.client, stalled))
-        except redis.RedisError:
-            waiting = ", ".join(stalled)
+        if self.client is None:
+            waiting = "; ".join(f"queue {q} ({self.depths.get(q, '?')} message(s) waiting)" for q in stalled)
+        else:
+            try:
+                waiting = "; ".join(_describe(stat) for stat in queue_stats(self.client, stalled))
+            except redis.RedisError:
+                waiting = ", ".join(stalled)
         stalled_for = self.watch.stalled_for(time.monotonic(), stalled)
         started = datetime.fromtimestamp(time.time() - stalled_for, UTC)
         limit = getattr(self.worker.consumer, "initial_prefetch_count", 0)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proj.integration.metrics import ProjCollector
+from proj.integration.watchdog import STALLED_EXIT_CODE
 from proj.stores.deadletters import ENTRIES_KEY, DeadLetterStore
 from proj.stores.delayed import DelayedSet
 from proj.stores.setaside import SetAsideStore
@@ -310,3 +314,86 @@ def test_an_unknown_task_is_set_aside_once(amqp_worker, amqp_app, redis_client, 
     assert store.count() == 1
     (entry,) = [json.loads(raw) for raw in store.list()]
     assert entry["headers"]["task"] == "tasks.health.no_such_task"
+
+
+class DeafProxy:
+    """TCP proxy to RabbitMQ that can make a consumer deaf: RabbitMQ's frames to a connection that
+    sent basic.consume are dropped from then on, while what it sends (heartbeats) still arrives.
+
+    RabbitMQ keeps pushing deliveries into such a connection up to its prefetch; the rest wait, and
+    the worker, which receives none, has free slots. Heartbeats notice it only after two missed
+    intervals (Celery's broker_heartbeat, 120 s, each way): the stall the watchdog is for.
+    """
+
+    BASIC_CONSUME = b"\x00\x3c\x00\x14"  # class 60 (basic), method 20 (consume)
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.consuming: set[int] = set()  # ids of client sockets that sent basic.consume
+        self.deaf = False
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((AMQP_HOST, AMQP_PORT))
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, client), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, client), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, client: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                if source is client and self.BASIC_CONSUME in data:
+                    self.consuming.add(id(client))
+                if source is not client and self.deaf and id(client) in self.consuming:
+                    continue  # read and dropped; the socket stays open
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_deaf_consumer_is_noticed_by_the_watchdog_and_its_messages_come_back(amqp_worker, amqp_app, vhost):
+    proxy = DeafProxy(AMQP_PORT)
+    try:
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}"
+        # Short limits: the stalled worker's shutdown cannot close its deaf connection and waits out
+        # the watchdog's grace (time limit + soft shutdown + 10 s) before it exits anyway.
+        env = {
+            "CELERY_BROKER_URL": url,
+            "PROJ_STALL_WINDOW": "6",
+            "TASK_TIME_LIMIT": "5",
+            "TASK_SOFT_TIME_LIMIT": "4",
+            "WORKER_SOFT_SHUTDOWN_TIMEOUT": "1",
+        }
+        stalled = amqp_worker("default", pool="threads", concurrency=2, env=env)
+        assert amqp_app.send_task(CANARY).get(timeout=30)["hostname"] == stalled.nodename
+        proxy.deaf = True
+        results = [amqp_app.send_task(CANARY) for _ in range(6)]
+        proc = stalled.proc
+        assert proc is not None
+        wait_for(lambda: proc.poll() is not None, timeout=90, interval=0.2, what="the stalled worker to exit")
+        log = stalled.log()
+        assert proc.returncode == STALLED_EXIT_CODE, log[-3000:]
+        # Two went into the deaf connection (its prefetch); four waited in the queue.
+        assert re.search(r"ERROR.*Consumer stalled: queue default \(4 message\(s\) waiting", log), log[-3000:]
+    finally:
+        proxy.close()  # its connections close: RabbitMQ returns what the deaf worker never acknowledged
+    restarted = amqp_worker("default", pool="threads", concurrency=2)
+    assert {r.get(timeout=60)["hostname"] for r in results} == {restarted.nodename}
