@@ -14,6 +14,10 @@ the transport's import path, which Flower does not know ("'redis' broker is not 
 wrapper hands Flower the same URL with `redis://`: Flower's own Redis client then reads the queues,
 which proj's transport keeps where kombu's does, while the app keeps its transport.
 
+On RabbitMQ Flower reads queue lengths from the management plugin's HTTP API: `FLOWER_BROKER_API`
+(Flower's own variable for `--broker_api`) names it, and without it Flower asks port 15672 of the
+broker's host with the broker's credentials; the wrapper says so in one line at start.
+
 It also refuses to start, with one line and exit code 2, without a password: no basic auth (and no
 OAuth `--auth`), or a `user:` pair with an empty password, which would leave task arguments and
 results readable by anyone who can reach the port. Exit code 1 when Redis refuses the credentials of
@@ -40,6 +44,7 @@ import celeryconfig
 from proj.integration.kombu_transport import SentinelTransport as ProjSentinelTransport
 from proj.integration.kombu_transport import Transport as ProjTransport
 from proj.integration.metrics import register as register_proj_metrics
+from proj.integration.native_delay import AMQP_SCHEMES
 from proj.integration.startup import redis_urls
 from proj.redis_check import redis_problem
 from proj.settings import get_settings
@@ -102,6 +107,17 @@ def auth_problem(argv: Sequence[str]) -> str | None:
     return None
 
 
+def broker_api_missing(broker_url: str) -> str | None:
+    """On RabbitMQ without FLOWER_BROKER_API (or --broker_api): where Flower's queue lengths come from."""
+    if not broker_url.startswith(AMQP_SCHEMES) or options.broker_api:
+        return None
+    return (
+        "queue lengths on RabbitMQ come from its management plugin's HTTP API: set "
+        "FLOWER_BROKER_API=http://USER:PASSWORD@HOST:15672/api/ (without it Flower tries port 15672 "
+        "of the broker's host; /metrics reads the depths from RabbitMQ itself)"
+    )
+
+
 def run() -> None:
     """`celery -A proj flower`: `/metrics` protected and with proj's series, queue lengths readable."""
     problem = auth_problem(sys.argv[1:])
@@ -114,6 +130,9 @@ def run() -> None:
             print(f"flower: {unusable[1]}", file=sys.stderr, flush=True)
             if unusable[0] == "refused":
                 sys.exit(1)
+    missing_api = broker_api_missing(str(celeryconfig.broker_url))
+    if missing_api:
+        print(f"flower: {missing_api}", file=sys.stderr, flush=True)
     require_auth_on_metrics()
     read_queues_with_flowers_redis_client()
     from proj.celery import app  # the app `-A proj` names, loaded once

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.server
 import importlib.util
 import json
 import os
@@ -12,11 +13,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +33,7 @@ from proj.stores.deadletters import ENTRIES_KEY, DeadLetterStore
 from proj.stores.delayed import DelayedSet
 from proj.stores.setaside import SetAsideStore
 from tests.conftest import EMAIL_QUEUES, smtp_env
-from tests.harness import IN_CI, ROOT, WorkerProcess, free_port, run_proj, wait_for
+from tests.harness import IN_CI, ROOT, WorkerProcess, free_port, run_proj, stop_process, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -397,3 +401,82 @@ def test_a_deaf_consumer_is_noticed_by_the_watchdog_and_its_messages_come_back(a
         proxy.close()  # its connections close: RabbitMQ returns what the deaf worker never acknowledged
     restarted = amqp_worker("default", pool="threads", concurrency=2)
     assert {r.get(timeout=60)["hostname"] for r in results} == {restarted.nodename}
+
+
+@contextlib.contextmanager
+def _flower(env: dict[str, str], log: Path) -> Iterator[str]:
+    """`python -m proj.integration.flower` (as the stack runs it) with basic auth; stopped by PID."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proj.integration.flower", "--address=127.0.0.1", f"--port={port}"],
+        cwd=ROOT,
+        env={**{k: v for k, v in env.items() if not k.startswith("FLOWER_")}, **_flower_env(env)},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            with urllib.request.urlopen(f"{url}/healthcheck", timeout=2) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, timeout=60, interval=0.2, what="flower to answer")
+        yield url
+    finally:
+        stop_process(proc)
+
+
+def _flower_env(env: dict[str, str]) -> dict[str, str]:
+    kept = {k: v for k, v in env.items() if k == "FLOWER_BROKER_API"}
+    return {**kept, "FLOWER_BASIC_AUTH": "ops:flower-secret"}
+
+
+def _get_with_auth(url: str) -> Any:
+    request = urllib.request.Request(url)
+    request.add_header("Authorization", "Basic " + base64.b64encode(b"ops:flower-secret").decode())
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+def test_flower_asks_the_management_api_named_by_flower_broker_api(amqp_url, worker_env, vhost, tmp_path):
+    # No management plugin on this machine's RabbitMQ: a listener records what Flower asks and
+    # answers 503, which Flower takes as "no lengths".
+    asked: list[tuple[str, str]] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append((self.path, self.headers.get("Authorization", "")))
+            self.send_error(503)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    env = {**worker_env, "CELERY_BROKER_URL": amqp_url}
+    try:
+        given = {**env, "FLOWER_BROKER_API": f"http://mgmt:mgmt-pw@127.0.0.1:{api.server_port}/api/"}
+        log = tmp_path / "flower-api.log"
+        with _flower(given, log) as url:
+            assert _get_with_auth(f"{url}/api/queues/length") == {"active_queues": []}
+        assert asked and asked[0][0] == f"/api/queues/{vhost}", asked
+        assert asked[0][1] == "Basic " + base64.b64encode(b"mgmt:mgmt-pw").decode()
+        said = log.read_text(errors="replace")
+        assert "FLOWER_BROKER_API" not in said and "mgmt-pw" not in said  # no notice, no password
+    finally:
+        api.shutdown()
+        api.server_close()
+    # Without it, one line at start says where the lengths come from.
+    log = tmp_path / "flower-plain.log"
+    with _flower(env, log):
+        pass
+    assert (
+        "flower: queue lengths on RabbitMQ come from its management plugin's HTTP API: set "
+        in log.read_text()
+    )
