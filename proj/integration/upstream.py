@@ -90,6 +90,9 @@ TOUCHED = {
         "celery.worker.components:Pool",
         "celery.worker.components:Timer",
         "celery.worker.consumer.events:Events",
+        # dead_letter_mover.py: the consumer's event-loop timer, and the queues a worker consumes
+        "celery.worker.consumer.consumer:Consumer.timer",
+        "celery.app.amqp:Queues.consume_from",
         # pipeline.py: an outcome stored under another task's id; a chord member's error as the cause
         "celery.app.task:Context",
         "celery.backends.base:Backend.mark_as_done",
@@ -120,5 +123,6 @@ TOUCHED = {
         "flower.options:options.conf",
         "flower.options:options.auth",
         "flower.options:options.basic_auth",
+        "flower.options:options.broker_api",
     ],
 }
