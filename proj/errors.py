@@ -11,7 +11,8 @@ ProjError
     ├── EmailRejectedError    the SMTP server answered 5xx
     ├── UnsafePathError       a key or archive member would leave the storage root
     ├── FileNotFoundForProcessing   the file is missing or empty
-    └── InvalidFileError      corrupt, truncated, unsupported or over a limit (bombs)
+    ├── InvalidFileError      corrupt, truncated, unsupported or over a limit (bombs)
+    └── DeliveryLimitExceeded RabbitMQ dead-lettered the task's message after its delivery limit
 """
 
 from __future__ import annotations
@@ -71,3 +72,7 @@ class InvalidEmailError(PermanentError):
 
 class EmailRejectedError(PermanentError):
     """Raised when the SMTP server rejects the message or every recipient with a 5xx reply."""
+
+
+class DeliveryLimitExceeded(PermanentError):
+    """Stored for a task whose message RabbitMQ dead-lettered: delivered past its limit, never acked."""

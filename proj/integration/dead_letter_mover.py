@@ -6,7 +6,8 @@ its queue until the quorum queue `proj.dead` has it. Workers that consume the `d
 consume `proj.dead` on a channel of their own and, for each message:
 
 - over the delivery limit (`x-first-death-reason: delivery_limit`) and a readable task message:
-  a dead letter in proj's store (`proj dlq list`, `proj dlq replay`);
+  a dead letter in proj's store (`proj dlq list`, `proj dlq replay`), and its result FAILURE
+  (DeliveryLimitExceeded) unless it is a SUCCESS;
 - unreadable (not a task message, a body that does not decode) or dead-lettered for a reason proj
   does not expect: a copy in the set-aside list (proj:unreadable);
 - `rejected`: Celery rejects only a message it cannot run (unknown task, refused content), after
@@ -23,9 +24,10 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from celery import bootsteps
+from celery import bootsteps, states
 from kombu import Consumer
 
+from proj.errors import DeliveryLimitExceeded
 from proj.integration.native_delay import AMQP_SCHEMES
 from proj.integration.signals import envelope
 from proj.settings import get_settings
@@ -43,7 +45,7 @@ RETRY_PAUSE = 5.0
 # How long a write Redis refuses for now is sent again before the message goes back (the event
 # loop waits meanwhile, so much shorter than the signal handlers' wait).
 REFUSED_WAIT = 5.0
-DELIVERY_LIMIT_EXCEEDED = "DeliveryLimitExceeded"
+DELIVERY_LIMIT_EXCEEDED = DeliveryLimitExceeded.__name__
 
 
 def death_reason(headers: dict[str, Any]) -> str:
@@ -147,6 +149,16 @@ class DeadLetterMover(bootsteps.ConsumerStep):
         except Exception:  # the channel is gone: RabbitMQ returns the message itself
             logger.debug("Could not requeue a dead-lettered message", exc_info=True)
 
+    def fail_result(self, letter: DeadLetter) -> None:
+        """End the task's result in FAILURE, so `result.get()` hears of it; a SUCCESS stays."""
+        # A SUCCESS means it ran and only its acknowledgement was lost, each time.
+        try:
+            backend = self.app.backend
+            if backend.get_state(letter.task_id) != states.SUCCESS:
+                backend.mark_as_failure(letter.task_id, DeliveryLimitExceeded(letter.message))
+        except Exception:  # the dead letter is kept; the result is the caller's convenience
+            logger.exception("Could not store the FAILURE of dead-lettered task %s", letter.task_id)
+
     def keep(self, message: Any) -> None:
         """Record one dead-lettered message where a person will find it."""
         assert self.letters is not None and self.set_aside is not None
@@ -172,6 +184,7 @@ class DeadLetterMover(bootsteps.ConsumerStep):
                 letter.task_id,
                 source,
             )
+            self.fail_result(letter)
             return
         raw = envelope(message)
         aside = self.set_aside

@@ -27,6 +27,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proj.errors import DeliveryLimitExceeded
 from proj.integration.metrics import ProjCollector
 from proj.integration.watchdog import STALLED_EXIT_CODE
 from proj.stores.deadletters import ENTRIES_KEY, DeadLetterStore
@@ -274,6 +275,8 @@ def test_a_task_that_kills_its_worker_each_time_ends_as_a_dead_letter(amqp_worke
     store = DeadLetterStore(redis_client)
     letter = wait_for(lambda: store.get(result.id), timeout=30, what="the dead letter in Redis")
     assert (letter.exc_type, letter.queue) == ("DeliveryLimitExceeded", "email_bulk")
+    with pytest.raises(DeliveryLimitExceeded, match=f"delivered {limit + 1} times"):
+        result.get(timeout=10)  # whoever waits on it hears of its end
     assert running_in() is None and crashing.proc is not None and crashing.proc.poll() is None
 
 
