@@ -49,24 +49,31 @@ RESULT_VALUE = (
     '"worker": "default-1@host", "retries": 0, "queue": "default", '
     '"task_id": "6f1c2b8e-9d1e-4a53-8f0e-3c1f5e2a7b90"}'
 )
+# Results on a Redis of their own: measured with the Procfile's workers, results as shipped.
+SPLIT = (PROCFILE_COUNT, throughput.STORED_STARTED)
+SPLIT_SUFFIX = ", on a second Redis"
 IGNORED_COMMANDS = {"info", "config|resetstat", "config", "flushall", "ping"}
 
 
-def setup(workers: int, results: str) -> throughput.Config:
-    """`workers` copies of the Procfile's `default-N` command line, benchmark tasks loaded."""
+def setup(workers: int, results: str, results_url: str = "") -> throughput.Config:
+    """`workers` copies of the Procfile's `default-N` command line, benchmark tasks loaded.
+
+    With `results_url`, workers and caller store results there (CELERY_RESULT_BACKEND).
+    """
     base = throughput.proj(results)
     line = base.workers[0]
     return dataclasses.replace(
         base,
         label=f"{workers} x solo",
         workers=[throughput._swap(line, "-n", f"default-{i}@%h") for i in range(1, workers + 1)],
-        key=scenario(workers, results),
+        env={"CELERY_RESULT_BACKEND": results_url} if results_url else {},
+        key=scenario(workers, results, bool(results_url)),
     )
 
 
-def scenario(workers: int, results: str) -> str:
+def scenario(workers: int, results: str, split: bool = False) -> str:
     """The name of one measured setup in the figures."""
-    return f"{workers} x solo, {results}"
+    return f"{workers} x solo, {results}{SPLIT_SUFFIX if split else ''}"
 
 
 def per_task(before: dict[str, int], after: dict[str, int], tasks: int) -> dict[str, float]:
@@ -140,23 +147,29 @@ class DrainCheck:
         return _commands(self.client)
 
 
-def measure(config: throughput.Config, redis_url: str, n: int) -> list[common.Row]:
-    """Enqueue and drain of one setup: rates, CPU and commands per task."""
-    common.flush(redis_url)
-    client = redis.Redis.from_url(redis_url)
+def measure(config: throughput.Config, redis_url: str, n: int, results_url: str = "") -> list[common.Row]:
+    """Enqueue and drain of one setup: rates, CPU and commands per task (of each Redis)."""
+    urls = {"": redis_url, **({"results ": results_url} if results_url else {})}
+    for url in urls.values():
+        common.flush(url)
+    clients = {prefix: redis.Redis.from_url(url) for prefix, url in urls.items()}
+    client = clients[""]
     app = throughput._control_app(redis_url)
     procs = throughput.start_workers(config, redis_url, "scaling")
     nodes = throughput._nodes(config)
     key = config.key
     try:
         app.control.cancel_consumer("default", destination=nodes, reply=True, timeout=5)
-        client.config_resetstat()
-        cpu0 = _redis_cpu(client)
-        fed = throughput._caller("delay", "proj", config.task, n, redis_url, {})
-        enqueue = per_task({}, _commands(client), fed["enqueued"])
-        cpu1 = _redis_cpu(client)
+        for each in clients.values():
+            each.config_resetstat()
+        cpu0 = {prefix: _redis_cpu(each) for prefix, each in clients.items()}
+        fed = throughput._caller("delay", "proj", config.task, n, redis_url, config.env)
+        tasks = fed["enqueued"]
+        enqueue = {prefix: per_task({}, _commands(each), tasks) for prefix, each in clients.items()}
+        cpu1 = {prefix: _redis_cpu(each) for prefix, each in clients.items()}
         check = DrainCheck(client)
-        client.config_resetstat()
+        for each in clients.values():
+            each.config_resetstat()
         started, workers_cpu = time.perf_counter(), common.tree_cpu(p.pid for p in procs)
         app.control.add_consumer("default", destination=nodes, reply=False)
         deadline = time.monotonic() + 600
@@ -166,34 +179,35 @@ def measure(config: throughput.Config, redis_url: str, n: int) -> list[common.Ro
             time.sleep(0.02)
         elapsed = time.perf_counter() - started
         workers_cpu = common.tree_cpu(p.pid for p in procs) - workers_cpu
-        cpu2 = _redis_cpu(client)
-        drained = _commands(client)
-        polled = {name: calls / 20 * check.calls for name, calls in check.footprint().items()}
-        drain = {
-            name: value - polled.get(name, 0) / fed["enqueued"]
-            for name, value in per_task({}, drained, fed["enqueued"]).items()
-        }
-        drain = {name: value for name, value in drain.items() if value > 0}
+        cpu2 = {prefix: _redis_cpu(each) for prefix, each in clients.items()}
+        drain = {prefix: per_task({}, _commands(each), tasks) for prefix, each in clients.items()}
+        polled = {name: calls / 20 * check.calls / tasks for name, calls in check.footprint().items()}
+        drain[""] = {name: value - polled.get(name, 0) for name, value in drain[""].items()}
+        drain[""] = {name: value for name, value in drain[""].items() if value > 0}
     finally:
         throughput._kill(procs)
-        client.close()
-    tasks = fed["enqueued"]
+        for each in clients.values():
+            each.close()
     rows = [
         common.row(key, "drain", tasks / elapsed, "1/s"),
         common.row(key, "delay", fed["per_second"], "1/s"),
         common.row(key, "worker cpu", workers_cpu / tasks * 1e6, "µs"),
-        common.row(key, "redis cpu", (cpu2 - cpu0) / tasks * 1e6, "µs"),
-        common.row(key, "redis busy", (cpu2 - cpu1) / elapsed * 100, "%"),
-        common.row(key, "commands enqueue", sum(enqueue.values()), "1"),
-        common.row(key, "commands drain", sum(drain.values()), "1"),
     ]
-    rows += [common.row(key, f"enqueue {name}", value, "1") for name, value in enqueue.items()]
-    rows += [common.row(key, f"drain {name}", value, "1") for name, value in drain.items()]
-    print(
-        f"    {key}: {tasks / elapsed:,.0f} tasks/s, commands per task enqueue {sum(enqueue.values()):.2f} "
-        f"drain {sum(drain.values()):.2f} ({check.calls} drain checks taken off)",
-        flush=True,
-    )
+    for prefix in clients:
+        rows += [
+            common.row(key, f"{prefix}redis cpu", (cpu2[prefix] - cpu0[prefix]) / tasks * 1e6, "µs"),
+            common.row(key, f"{prefix}redis busy", (cpu2[prefix] - cpu1[prefix]) / elapsed * 100, "%"),
+            common.row(key, f"{prefix}commands enqueue", sum(enqueue[prefix].values()), "1"),
+            common.row(key, f"{prefix}commands drain", sum(drain[prefix].values()), "1"),
+        ]
+        rows += [common.row(key, f"{prefix}enqueue {c}", v, "1") for c, v in enqueue[prefix].items()]
+        rows += [common.row(key, f"{prefix}drain {c}", v, "1") for c, v in drain[prefix].items()]
+        print(
+            f"    {key}: {prefix or 'broker '}Redis commands per task: enqueue {enqueue[prefix]} "
+            f"drain {drain[prefix]}",
+            flush=True,
+        )
+    print(f"    {key}: {tasks / elapsed:,.0f} tasks/s ({check.calls} drain checks taken off)", flush=True)
     return rows
 
 
@@ -258,9 +272,16 @@ def run(redis_url: str, quick: bool = False) -> list[common.Row]:
     client = redis.Redis.from_url(redis_url)
     rows = [common.row("script", "commands inside", inside_script(client), "1")]
     client.close()
-    for results in RESULT_SETTINGS:
-        for workers in WORKER_COUNTS:
-            rows += measure(setup(workers, results), redis_url, n)
+    results_server = common.start_redis()
+    try:
+        for results in RESULT_SETTINGS:
+            for workers in WORKER_COUNTS:
+                rows += measure(setup(workers, results), redis_url, n)
+                if workers == PROCFILE_COUNT and results == SPLIT[1]:  # next to the same on one Redis
+                    split = setup(*SPLIT, results_url=results_server.url)
+                    rows += measure(split, redis_url, n, results_server.url)
+    finally:
+        results_server.stop()
     rows += redis_benchmark(redis_url, requests)
     rows.append(common.row("load", "load1", os.getloadavg()[0], "1"))
     return rows
@@ -385,6 +406,31 @@ def _ceiling_table(summary: Summary) -> list[str]:
     return lines
 
 
+def _redis_cells(summary: Summary, key: str, prefix: str) -> list[str]:
+    """Commands per task (Redis's count), CPU per task and the ceiling that CPU gives, of one Redis."""
+    counted = sum(_median(summary, key, f"{prefix}commands {phase}") for phase in ("enqueue", "drain"))
+    cpu = _median(summary, key, f"{prefix}redis cpu")
+    return [f"{counted:.1f}", _cell(summary, key, f"{prefix}redis cpu"), common.fmt(1e6 / cpu)]
+
+
+def _split_table(summary: Summary) -> list[str]:
+    """The Procfile's workers, results as shipped: one Redis, and results on a second one."""
+    lines = [
+        f"| {SPLIT[0]} x `-P solo`, empty task, {SPLIT[1]} | drain tasks/s | broker Redis: commands "
+        "per task (Redis's count) | broker Redis CPU µs/task | its ceiling from CPU, tasks/s "
+        "| results Redis: commands per task | results Redis CPU µs/task |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for split, words in ((False, "one Redis for both"), (True, "results on a second Redis")):
+        key = scenario(*SPLIT, split=split)
+        if (key, "drain") not in summary:
+            continue
+        cells = [_cell(summary, key, "drain"), *_redis_cells(summary, key, "")]
+        cells += [*_redis_cells(summary, key, "results ")][:2] if split else ["-", "-"]
+        lines.append(f"| {words} | {' | '.join(cells)} |")
+    return lines
+
+
 def render_summary(items: Sequence[common.Row]) -> str:
     """The tables of docs/scaling.md."""
     summary = {(item["scenario"], item["metric"]): item for item in items}
@@ -401,6 +447,10 @@ def render_summary(items: Sequence[common.Row]) -> str:
             *_commands_table(summary),
             "",
             *_benchmark_table(summary),
+            "",
+            "Results on a Redis of their own (`CELERY_RESULT_BACKEND`), measured next to each other:",
+            "",
+            *_split_table(summary),
             "",
             "Ceiling of one Redis, tasks/s:",
             "",
