@@ -113,6 +113,8 @@ class Settings:
     redis_port: int = 0
     # REDIS_URL or CELERY_BROKER_URL was given: the local stack uses that Redis and starts none.
     redis_url_given: bool = False
+    # CELERY_BROKER_URL as given ("" when unset): the local stack keeps a RabbitMQ broker.
+    broker_url: str = field(default="", repr=False)  # may hold a password
     # Seconds a queue may hold messages that a worker with free slots takes none of before the
     # worker counts as stalled and exits to be restarted (docs/operations.md); 0 turns it off.
     stall_window: float = 120.0
@@ -165,6 +167,7 @@ class Settings:
             flower_port=_int(env, "FLOWER_PORT", cls.flower_port),
             redis_port=_int(env, "REDIS_PORT", cls.redis_port),
             redis_url_given=bool(_redis_url(env)),
+            broker_url=env.get("CELERY_BROKER_URL", "").strip(),
             redis_sentinel_master=env.get("REDIS_SENTINEL_MASTER", cls.redis_sentinel_master),
             stall_window=_stall_window(env),
         )

@@ -10,11 +10,11 @@ import shlex
 import shutil
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from proj.credentials import mask_url
-from proj.settings import Settings, environ_with
+from proj.settings import REDIS_BROKER_SCHEMES, Settings, environ_with
 
 ROOT = Path(__file__).resolve().parents[2]
 # 6379 is often a system Redis that is not ours to fill; the embedded one starts looking here.
@@ -42,6 +42,14 @@ class Stack:
     files_root: Path
     # Where the Flower password is kept, for the banner: printed output is no place for the password.
     flower_password_from: str = ""
+    # The broker when it is not the stack's Redis (RabbitMQ from CELERY_BROKER_URL); "" for that Redis.
+    amqp_url: str = field(default="", repr=False)
+    # Master name for a sentinel:// redis_url, passed on in stack.env; "" otherwise.
+    sentinel_master: str = ""
+
+    @property
+    def broker_url(self) -> str:
+        return self.amqp_url or self.redis_url
 
     @property
     def flower_url(self) -> str:
@@ -61,10 +69,13 @@ class Stack:
 
     def exports(self) -> dict[str, str]:
         """The variables another shell needs to use this stack (the content of stack.env)."""
+        sentinel = {"REDIS_SENTINEL_MASTER": self.sentinel_master} if self.sentinel_master else {}
         return {
-            # One Redis for broker and results, whatever the caller's shell had before.
+            # One Redis for results and proj's stores (and the broker unless it is RabbitMQ),
+            # whatever the caller's shell had before.
             "REDIS_URL": self.redis_url,
-            "CELERY_BROKER_URL": self.redis_url,
+            **sentinel,
+            "CELERY_BROKER_URL": self.broker_url,
             "CELERY_RESULT_BACKEND": self.redis_url,
             "FLOWER_URL": self.flower_url,
             "FLOWER_USER": self.flower_user,
@@ -106,6 +117,7 @@ def plan(settings: Settings, local_dir: Path) -> Stack:
         redis_server, redis_port = redis_binary(), _redis_port(settings)
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
     files_root = settings.files_root if settings.files_root.is_absolute() else settings.files_root.resolve()
+    amqp_url = "" if settings.broker_url.startswith(REDIS_BROKER_SCHEMES) else settings.broker_url
     return Stack(
         local_dir,
         redis_url,
@@ -117,6 +129,8 @@ def plan(settings: Settings, local_dir: Path) -> Stack:
         settings.smtp_port,
         files_root,
         "from FLOWER_PASSWORD" if settings.flower_password else f"in {local_dir / 'flower-credentials.json'}",
+        amqp_url,
+        settings.redis_sentinel_master if redis_url.startswith("sentinel://") else "",
     )
 
 
@@ -187,8 +201,10 @@ def banner(stack: Stack) -> str:
         else f"{mask_url(stack.redis_url)}  (from REDIS_URL/CELERY_BROKER_URL)"
     )
     kept = stack.flower_password_from or f"in {stack.env_file}"
+    broker = [f"  Broker   {mask_url(stack.amqp_url)}  (from CELERY_BROKER_URL)"] if stack.amqp_url else []
     return "\n".join(
         [
+            *broker,
             f"  Redis    {redis}",
             f"  SMTP     127.0.0.1:{stack.smtp_port}",
             f"  Flower   {stack.flower_url}  user {stack.flower_user}, password {kept}"

@@ -368,8 +368,10 @@ def _wait_ready(stack: Stack, view: LiveView, names: list[str], stopping: thread
     """Until every worker answers a ping and Flower its health check, or READY_TIMEOUT."""
     from celery import Celery
 
-    # A bare app on the stack's Redis: proj's own would take its broker from this shell's variables.
-    probe = Celery("proj-up", broker=stack.redis_url, set_as_current=False)
+    # A bare app on the stack's broker: proj's own would take its broker from this shell's variables.
+    probe = Celery("proj-up", broker=stack.broker_url, set_as_current=False)
+    if stack.broker_url.startswith("sentinel://"):
+        probe.conf.broker_transport_options = {"master_name": stack.sentinel_master}
     host = socket.gethostname()
     missing = {f"{name}@{host}" for name in WORKERS if name in names}
     flower = "flower" not in names

@@ -58,6 +58,27 @@ def test_given_redis_url_starts_no_redis(tmp_path: Path) -> None:
     assert stack.exports()["CELERY_RESULT_BACKEND"] == "redis://10.0.0.5:6379/3"
 
 
+def test_rabbitmq_broker_is_kept_with_results_on_the_given_redis(tmp_path: Path) -> None:
+    amqp = "amqp://proj:secret@10.0.0.7:5672/proj"
+    stack = plan(_settings(tmp_path, CELERY_BROKER_URL=amqp, REDIS_URL="redis://10.0.0.5:6379/3"), tmp_path)
+    assert stack.redis_server == ""
+    exports = stack.exports()
+    assert (exports["CELERY_BROKER_URL"], exports["REDIS_URL"], exports["CELERY_RESULT_BACKEND"]) == (
+        amqp,
+        "redis://10.0.0.5:6379/3",
+        "redis://10.0.0.5:6379/3",
+    )
+    assert "Broker   amqp://proj:**@10.0.0.7:5672/proj" in banner(stack) and "secret" not in banner(stack)
+
+
+def test_sentinel_url_starts_no_redis_and_passes_the_master_name_on(tmp_path: Path) -> None:
+    url = "sentinel://10.0.0.1:26379/0;sentinel://10.0.0.2:26379"
+    stack = plan(_settings(tmp_path, REDIS_URL=url, REDIS_SENTINEL_MASTER="proj-master"), tmp_path)
+    assert stack.redis_server == "" and stack.exports()["CELERY_BROKER_URL"] == url
+    assert stack.exports()["REDIS_SENTINEL_MASTER"] == "proj-master"
+    assert "REDIS_SENTINEL_MASTER" not in plan(_settings(tmp_path), tmp_path).exports()
+
+
 def test_busy_flower_port_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
