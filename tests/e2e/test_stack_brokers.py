@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import redis
 
-from tests.e2e.localstack import LocalStack, stack_environ
+from tests.e2e.localstack import VENV_BIN, LocalStack, stack_environ
 from tests.faults.sentinel import MASTER, SentinelServer, sentinel_url
-from tests.harness import IN_CI, RedisServer
+from tests.harness import IN_CI, ROOT, RedisServer
 from tests.integration.test_rabbitmq import AMQP_HOST, AMQP_PORT, _rabbitmq_missing, _rabbitmqctl
 
 pytestmark = pytest.mark.e2e
@@ -77,6 +78,14 @@ def test_stack_on_rabbitmq_keeps_the_amqp_broker_and_runs_redis_for_results(vhos
     amqp_url = f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
     broker_api = f"http://guest:guest@{AMQP_HOST}:15672/api/"
     local_dir = tmp_path / "local"
+    # A vhost that does not exist: said at once, nothing started (workers would retry for ever).
+    wrong = stack_environ(local_dir, CELERY_BROKER_URL=f"{amqp_url}-missing")
+    refused = subprocess.run(
+        [str(VENV_BIN / "proj"), "up"], cwd=ROOT, env=wrong, capture_output=True, text=True
+    )
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"vhost {vhost}-missing not found" in refused.stderr and "guest:guest" not in refused.stderr
+    assert not (local_dir / "logs").exists()
     # REDIS_URL unset: the stack runs its own Redis for results and proj's stores, RabbitMQ brokers.
     env = stack_environ(local_dir, CELERY_BROKER_URL=amqp_url, FLOWER_BROKER_API=broker_api)
     stack = LocalStack(local_dir, env).start()
