@@ -42,6 +42,11 @@ def likely_cause(url: str, settings: Settings, starting_stack: bool = False) -> 
             "REDIS_URL is not set, so this is the default: start the local stack (`make run`), "
             f"then `source {env_file}`"
         )
+    if url.startswith("sentinel://"):  # a local stack never started these: the sentinels or the name
+        return (
+            "Check that the sentinels of REDIS_URL run and monitor the master that REDIS_SENTINEL_MASTER"
+            f" names ({settings.redis_sentinel_master!r})"
+        )
     if urlsplit(url.split(";")[0]).hostname not in LOCAL_HOSTS:
         return "Check REDIS_URL / CELERY_BROKER_URL and that this Redis runs and is reachable from here"
     if starting_stack:

@@ -126,6 +126,16 @@ def test_stack_on_sentinel_starts_no_redis_and_follows_the_sentinels(tmp_path):
     env = stack_environ(local_dir, REDIS_URL=url, REDIS_SENTINEL_MASTER=MASTER)
     stack = LocalStack(local_dir, env)
     try:
+        # The check before anything starts asks the sentinels: a name they do not know is said at once.
+        wrong = {**env, "REDIS_SENTINEL_MASTER": "not-monitored"}
+        refused = subprocess.run(
+            [str(VENV_BIN / "proj"), "up"], cwd=ROOT, env=wrong, capture_output=True, text=True
+        )
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "No master found for 'not-monitored'" in refused.stderr, refused.stderr
+        assert "REDIS_SENTINEL_MASTER names ('not-monitored')" in refused.stderr, refused.stderr
+        assert not (local_dir / "logs").exists()
+
         stack.start()
         assert "stack ready" in stack.log(), stack.log()
         exports = stack.exports()

@@ -131,6 +131,9 @@ def test_likely_cause_of_a_dead_redis(tmp_path: Path) -> None:
     remote = "redis://redis.internal:6379/0"
     assert likely_cause(remote, _settings(tmp_path, REDIS_URL=remote)).startswith("Check REDIS_URL")
     assert likely_cause(url, _settings(tmp_path)).startswith("REDIS_URL is not set")
+    sentinels = "sentinel://127.0.0.1:26390/0;sentinel://127.0.0.1:26391"
+    on_sentinel = _settings(tmp_path, REDIS_URL=sentinels, REDIS_SENTINEL_MASTER="proj-master")
+    assert "REDIS_SENTINEL_MASTER names ('proj-master')" in likely_cause(sentinels, on_sentinel, True)
 
 
 def test_a_default_url_that_answers_is_not_the_running_stacks_redis(
