@@ -4,7 +4,9 @@ work until Redis takes it; the worker stays up."""
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
+import psutil
 import pytest
 import redis
 
@@ -12,7 +14,7 @@ from proj.mail import message_id_for
 from proj.settings import Settings
 from proj.stores.inflight import InflightLists
 from tests.conftest import EMAIL_QUEUES, smtp_env
-from tests.harness import wait_for
+from tests.harness import WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.layer]
 
@@ -71,7 +73,7 @@ def test_a_worker_waits_out_a_master_refusing_writes_and_then_finishes_its_tasks
     try:
         with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
             redis_client.set("proj:test:probe", "1")
-        redis_client.client_kill_filter(_type="normal")  # the workers reconnect and bind their queues again
+        _cut_connections_of(workers, redis_client)  # the workers reconnect and bind their queues again
         # The threads worker's consumer reconnects at once: its binds are refused and waited out.
         # The solo worker first waits out the result write of the task it runs (Celery's retries).
         wait_for(lambda: "Redis refuses the binding" in mailer.log(), timeout=30, what="a refused bind")
@@ -88,3 +90,13 @@ def test_a_worker_waits_out_a_master_refusing_writes_and_then_finishes_its_tasks
     assert all(w.proc is not None and w.proc.poll() is None for w in workers), "a worker exited"
     assert "Unrecoverable error" not in logs
     assert "Redis took the binding" in mailer.log()
+
+
+def _cut_connections_of(workers: list[WorkerProcess], redis_client: Any) -> None:
+    """CLIENT KILL every connection of these worker processes, and only theirs (not the test's own)."""
+    port = redis_client.connection_pool.connection_kwargs["port"]
+    for worker in workers:
+        assert worker.proc is not None
+        for conn in psutil.Process(worker.proc.pid).net_connections(kind="tcp"):
+            if conn.raddr and conn.raddr.port == port:
+                redis_client.client_kill_filter(_type="normal", addr=f"{conn.laddr.ip}:{conn.laddr.port}")

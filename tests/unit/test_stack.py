@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import signal
@@ -16,7 +17,7 @@ from honcho.printer import Message
 from proj.redis_check import likely_cause, redis_problem, stack_redis_url
 from proj.settings import Settings
 from proj.stack.lifeline import watch
-from proj.stack.plan import EMBEDDED_REDIS_FIRST_PORT, StackError, banner, plan, port_free, write_env_file
+from proj.stack.plan import EMBEDDED_REDIS_FIRST_PORT, StackError, banner, plan, write_env_file
 from proj.stack.view import LiveView
 from tests.harness import RedisServer, free_port
 
@@ -44,7 +45,9 @@ def test_flower_credentials_from_the_environment_win(tmp_path: Path) -> None:
 
 def test_embedded_redis_skips_busy_ports(tmp_path: Path) -> None:
     with socket.socket() as holder:
-        if port_free(EMBEDDED_REDIS_FIRST_PORT):  # else something else holds it: just as good
+        # SO_REUSEADDR as port_free and servers bind: a closed connection's TIME_WAIT does not count.
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):  # else something else holds the port: just as good
             holder.bind(("127.0.0.1", EMBEDDED_REDIS_FIRST_PORT))
             holder.listen()
         stack = plan(_settings(tmp_path), tmp_path)
