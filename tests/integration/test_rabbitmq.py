@@ -5,11 +5,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.server
-import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,8 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,100 +31,27 @@ from proj.stores.deadletters import ENTRIES_KEY, DeadLetterStore
 from proj.stores.delayed import DelayedSet
 from proj.stores.setaside import SetAsideStore
 from tests.conftest import EMAIL_QUEUES, smtp_env
-from tests.harness import IN_CI, ROOT, WorkerProcess, free_port, run_proj, stop_process, wait_for
+from tests.harness import ROOT, free_port, run_proj, stop_process, wait_for
+from tests.rabbitmq import (  # noqa: F401  (the fixtures, by their names)
+    AMQP_HOST,
+    AMQP_PORT,
+    fixture_amqp_app,
+    fixture_amqp_url,
+    fixture_amqp_worker,
+    fixture_vhost,
+    rabbitmqctl,
+)
 
 pytestmark = [pytest.mark.integration]
 
 CANARY = "tasks.health.canary"
 SEND_EMAIL = "tasks.email.send_email"
-AMQP_HOST, AMQP_PORT = "127.0.0.1", int(os.environ.get("RABBITMQ_PORT", "5672"))
-
-
-def _rabbitmqctl(*args: str) -> str:
-    return subprocess.run(
-        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
-    ).stdout
-
-
-def _rabbitmq_missing() -> str | None:
-    """Why the tests cannot run here, or None."""
-    if shutil.which("rabbitmqctl") is None:
-        return "rabbitmqctl not on PATH"
-    try:
-        socket.create_connection((AMQP_HOST, AMQP_PORT), timeout=2).close()
-    except OSError as exc:
-        return f"no RabbitMQ at {AMQP_HOST}:{AMQP_PORT}: {exc}"
-    return None
-
-
-@pytest.fixture(scope="module")
-def vhost() -> Iterator[str]:
-    """A virtual host of its own, deleted afterwards; skip without RabbitMQ, fail in CI."""
-    missing = _rabbitmq_missing()
-    if missing:
-        if IN_CI:
-            pytest.fail(f"CI=true and {missing}")
-        pytest.skip(missing)
-    name = f"proj-test-{uuid.uuid4().hex[:12]}"
-    _rabbitmqctl("add_vhost", name)
-    try:
-        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield name
-    finally:
-        _rabbitmqctl("delete_vhost", name)
-
-
-@pytest.fixture(scope="module")
-def amqp_url(vhost: str) -> str:
-    return f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
-
-
-@pytest.fixture(scope="module")
-def amqp_app(amqp_url: str, redis_server: Any) -> Any:
-    """proj's app as a process on RabbitMQ builds it: celeryconfig read afresh with the AMQP URL."""
-    from proj.integration.native_delay import Celery
-
-    # For this module's tests: Celery reads CELERY_BROKER_URL before its configuration, every time.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CELERY_BROKER_URL", amqp_url)
-        spec = importlib.util.spec_from_file_location("celeryconfig_rabbitmq", ROOT / "celeryconfig.py")
-        assert spec is not None and spec.loader is not None
-        config = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(config)
-        app = Celery("proj", amqp="proj.integration.producer:AMQP", set_as_current=False)
-        app.config_from_object(config)
-        app.loader.override_backends = dict(config.override_backends)
-        yield app
-        app.close()
-
-
-@pytest.fixture
-def amqp_worker(
-    amqp_app: Any, amqp_url: str, worker_env: dict[str, str], redis_client: Any
-) -> Iterator[Callable[..., WorkerProcess]]:
-    """Real `celery -A proj worker` subprocesses on RabbitMQ; every one is stopped by PID."""
-    started: list[WorkerProcess] = []
-
-    def start(queues: str, *, pool: str = "threads", concurrency: int = 4, env: dict[str, str] | None = None):
-        worker = WorkerProcess(
-            queues=queues,
-            name=f"rmq{len(started)}-{free_port()}",
-            env={**worker_env, "CELERY_BROKER_URL": amqp_url, **(env or {})},
-            pool=pool,
-            concurrency=concurrency,
-        )
-        started.append(worker)
-        return worker.start(amqp_app)
-
-    yield start
-    for worker in started:
-        worker.stop(signal.SIGTERM, timeout=20)
 
 
 def test_every_queue_is_a_quorum_queue_with_a_delivery_limit(amqp_worker, vhost):
     amqp_worker("email,email_bulk,files,default")
     rows = json.loads(
-        _rabbitmqctl("list_queues", "-p", vhost, "name", "type", "arguments", "--formatter", "json")
+        rabbitmqctl("list_queues", "-p", vhost, "name", "type", "arguments", "--formatter", "json")
     )
     queues = {row["name"]: row for row in rows}
     for name in ("email", "email_bulk", "files", "default"):
@@ -221,7 +145,7 @@ def _reject_until_dead_lettered(app: Any, queue_name: str) -> int:
 
 
 def _depth(vhost: str, queue: str) -> int:
-    rows = json.loads(_rabbitmqctl("list_queues", "-p", vhost, "name", "messages", "--formatter", "json"))
+    rows = json.loads(rabbitmqctl("list_queues", "-p", vhost, "name", "messages", "--formatter", "json"))
     return int({row["name"]: row["messages"] for row in rows}[queue])
 
 
