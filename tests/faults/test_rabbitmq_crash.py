@@ -116,8 +116,8 @@ def test_rabbitmq_workers_sigkilled_mid_run_lose_nothing(amqp_worker, amqp_app, 
             resumed_in=resumed_in,
             note=(
                 f"killed holding {default_held} tasks and {email_held} emails; "
-                f"{len(twice)} tasks ran again after the killed worker finished them unacknowledged, "
-                f"{len(in_window)} emails twice inside the accepted-but-not-recorded window; "
+                f"run again: {len(twice)} tasks the killed worker had finished and not acknowledged, "
+                f"{len(in_window)} emails it had sent and not recorded; "
                 "resumed_in: until every result was in"
             ),
         )
