@@ -34,9 +34,13 @@ browser:
 
 # The whole suite with proj's replacements on, then the tests of delivery, results, retries, canvas
 # and crashes again with Celery's and kombu's own components (PROJ_STOCK_CELERY=1, docs/internals.md).
+# TEST_PROCESSES pytest processes at once (pytest-xdist): a test file stays in one of them and the
+# fault scenarios run one after another in one (tests/conftest.py); 1 runs everything in one process.
+TEST_PROCESSES ?= 2
+XDIST = $(if $(filter 1,$(TEST_PROCESSES)),,-n $(TEST_PROCESSES) --dist loadgroup)
 test: $(STAMP) browser
-	$(BIN)/python -m pytest
-	PROJ_STOCK_CELERY=1 $(BIN)/python -m pytest -m stock_too
+	$(BIN)/python -m pytest $(XDIST)
+	PROJ_STOCK_CELERY=1 $(BIN)/python -m pytest -m stock_too $(XDIST)
 	$(BIN)/python tests/upstream/run.py
 
 # kombu's and Celery's own integration tests, stock vs proj's layer (docs/upstream-tests.md).

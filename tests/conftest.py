@@ -30,7 +30,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With PROJ_STOCK_CELERY=1 proj's replacements are off: their own tests do not apply."""
+    """Group the tests for pytest-xdist; with PROJ_STOCK_CELERY=1 skip the replacements' own tests."""
+    _group_for_xdist(items)
     import celeryconfig
 
     if not celeryconfig.proj_stock_celery:
@@ -41,13 +42,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def _group_for_xdist(items: list[pytest.Item]) -> None:
+    """`make test` runs pytest-xdist with --dist loadgroup: a test file's tests stay in one process
+    (module fixtures, a RabbitMQ virtual host, a stack), and the fault scenarios run one after
+    another in one process, so no two of them load the machine at once."""
+    for item in items:
+        group = "faults" if item.get_closest_marker("faults") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+# The fault scenarios' lines, gathered from the test reports: with pytest-xdist they are printed in
+# the worker processes, and only the reports reach the process that writes the summary.
+_SCENARIO_LINES: list[str] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Carry the lines a test printed with tests.faults.scenario.report in its teardown report."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "teardown":
+        from tests.faults.scenario import LINES
+
+        report.user_properties.extend(("scenario", line) for line in LINES)
+        LINES.clear()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _SCENARIO_LINES.extend(value for name, value in report.user_properties if name == "scenario")
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """The fault scenarios' one-line figures, together at the end of the output."""
-    from tests.faults.scenario import LINES
-
-    if LINES:
+    if _SCENARIO_LINES:
         terminalreporter.section("fault scenarios")
-        for line in LINES:
+        for line in _SCENARIO_LINES:
             terminalreporter.write_line(line)
 
 
