@@ -11,7 +11,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,3 +250,35 @@ def run_proj(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess
         text=True,
         timeout=timeout,
     )
+
+
+@contextmanager
+def flower_process(env: dict[str, str], log: Path) -> Iterator[str]:
+    """Flower as the stack runs it (`python -m proj.integration.flower`) on a free port: its URL.
+
+    Waits for its /healthcheck (raising with the log if it exits first); stopped by PID afterwards.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proj.integration.flower", "--address=127.0.0.1", f"--port={port}"],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            with urllib.request.urlopen(f"{url}/healthcheck", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, timeout=60, interval=0.1, what="flower to answer")
+        yield url
+    finally:
+        stop_process(proc)

@@ -6,8 +6,6 @@ import base64
 import json
 import os
 import shutil
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.localstack import LocalStack
-from tests.harness import IN_CI, ROOT, RedisServer, free_port, stop_process, wait_for
+from tests.harness import IN_CI, RedisServer, flower_process, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -126,16 +124,6 @@ def _http(url: str, method: str = "GET", body: dict[str, Any] | None = None, aut
         return exc.code, exc.read().decode(errors="replace")
 
 
-def _healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> bool:
-    if proc.poll() is not None:
-        raise RuntimeError(f"flower exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-    try:
-        with urllib.request.urlopen(f"{url}/healthcheck", timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
 @pytest.fixture(params=[False, True], ids=["proj-transport", "stock-celery"])
 def own_flower(
     request: pytest.FixtureRequest, redis_server: RedisServer, redis_client: Any, tmp_path: Path
@@ -151,21 +139,8 @@ def own_flower(
     )
     if request.param:
         env["PROJ_STOCK_CELERY"] = "1"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "flower.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proj.integration.flower", "--address=127.0.0.1", f"--port={port}"],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(lambda: _healthy(url, proc, log), timeout=60, interval=0.1, what="flower to answer")
+    with flower_process(env, tmp_path / "flower.log") as url:
         yield FlowerProcess(url, f"127.0.0.1:{redis_server.port}/0")
-    finally:
-        stop_process(proc)
 
 
 def test_flower_shows_queue_lengths(own_flower: FlowerProcess, browser: Any, redis_client: Any) -> None:

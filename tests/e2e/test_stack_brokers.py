@@ -5,39 +5,20 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
 
 from tests.e2e.localstack import VENV_BIN, LocalStack, stack_environ
 from tests.faults.sentinel import MASTER, SentinelServer, sentinel_url
-from tests.harness import IN_CI, ROOT, RedisServer
-from tests.integration.test_rabbitmq import AMQP_HOST, AMQP_PORT, _rabbitmq_missing, _rabbitmqctl
+from tests.harness import ROOT, RedisServer
+from tests.rabbitmq import AMQP_HOST, AMQP_PORT, fixture_vhost, rabbitmqctl  # noqa: F401 (the vhost fixture)
 
 pytestmark = pytest.mark.e2e
 
 QUEUES = ("email", "email_bulk", "files", "default")
 WORKERS = ("default-1", "default-2", "email-1", "email-2", "files")
 NO_BROKER_API = "queue lengths on RabbitMQ come from"
-
-
-@pytest.fixture
-def vhost() -> Iterator[str]:
-    """A virtual host of its own on the machine's RabbitMQ, deleted afterwards; skip, or fail in CI."""
-    missing = _rabbitmq_missing()
-    if missing:
-        if IN_CI:
-            pytest.fail(f"CI=true and {missing}")
-        pytest.skip(missing)
-    name = f"proj-stack-{uuid.uuid4().hex[:12]}"
-    _rabbitmqctl("add_vhost", name)
-    try:
-        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield name
-    finally:
-        _rabbitmqctl("delete_vhost", name)
 
 
 def _canaries(stack: LocalStack) -> dict[str, dict[str, object]]:
@@ -102,7 +83,7 @@ def test_stack_on_rabbitmq_keeps_the_amqp_broker_and_runs_redis_for_results(vhos
 
         answers = _canaries(stack)
         # The messages went through the vhost's quorum queues; the results are in the embedded Redis.
-        rows = json.loads(_rabbitmqctl("list_queues", "-p", vhost, "name", "type", "--formatter", "json"))
+        rows = json.loads(rabbitmqctl("list_queues", "-p", vhost, "name", "type", "--formatter", "json"))
         assert {row["name"]: row["type"] for row in rows if row["name"] in QUEUES} == dict.fromkeys(
             QUEUES, "quorum"
         )

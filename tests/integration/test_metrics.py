@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proj.integration.metrics import ProjCollector
 from proj.stores.connection import redis_client as proj_redis_client
-from tests.harness import ROOT, free_port, run_proj, stop_process, wait_for
+from tests.harness import flower_process, free_port, run_proj, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.stock_too]
 
@@ -55,35 +53,13 @@ def _get(url: str, credentials: tuple[str, str] | None) -> tuple[int, str]:
         return exc.code, exc.read().decode(errors="replace")
 
 
-def _healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> bool:
-    if proc.poll() is not None:
-        raise RuntimeError(f"flower exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-    try:
-        return _get(f"{url}/healthcheck", None)[0] == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def flower_url(worker_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     """Flower as the stack runs it (`python -m proj.integration.flower`), with basic auth; stopped by PID."""
     env = {k: v for k, v in worker_env.items() if not k.startswith("FLOWER_")}
     env["FLOWER_BASIC_AUTH"] = f"{USER}:{PASSWORD}"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "flower.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proj.integration.flower", "--address=127.0.0.1", f"--port={port}"],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(lambda: _healthy(url, proc, log), timeout=60, interval=0.1, what="flower to answer")
+    with flower_process(env, tmp_path / "flower.log") as url:
         yield url
-    finally:
-        stop_process(proc)
 
 
 def _scrape(url: str) -> dict[str, Any]:
