@@ -112,6 +112,18 @@ def _renderer(topic: str) -> Any:
     return getattr(module, "render_summary", common.markdown_table)
 
 
+def _summary() -> list[str]:
+    """The hand-written summary (bench/notes/summary.md) under its heading, kept across runs."""
+    path = NOTES_DIR / "summary.md"
+    if not path.exists():
+        return [""]
+    caveat = (
+        "*Written by hand in `bench/notes/summary.md` from the figures below; `make bench` copies it "
+        "here, so check it against a new run's figures.*"
+    )
+    return ["", "## Summary", "", caveat, "", path.read_text().strip(), ""]
+
+
 def render(sections: list[dict[str, Any]], context: dict[str, Any]) -> str:
     """The whole markdown report."""
     parts = [
@@ -121,9 +133,11 @@ def render(sections: list[dict[str, Any]], context: dict[str, Any]) -> str:
         "Each figure is the median of the runs given in the last column, with min and max; every "
         "ratio (unit `x`) is computed inside one run from figures measured seconds apart against the "
         "same Redis, so it holds even when other load on the machine moves the absolute numbers.",
-        "",
+        *_summary(),
         "## How to run",
         "",
+        "<!-- example: not run: a benchmark takes 20-30 minutes on its own machine; "
+        "`make bench` is how its figures are made -->",
         "```sh",
         "make bench                        # installs .[dev,bench] (huey), every topic, 3 runs each;",
         "                                  # rewrites docs/benchmarks.md (20-30 minutes on 2 cores)",
