@@ -136,11 +136,11 @@ def render(sections: list[dict[str, Any]], context: dict[str, Any]) -> str:
         *_summary(),
         "## How to run",
         "",
-        "<!-- example: not run: a benchmark takes 20-30 minutes on its own machine; "
+        "<!-- example: not run: a benchmark takes 30-40 minutes on its own machine; "
         "`make bench` is how its figures are made -->",
         "```sh",
         "make bench                        # installs .[dev,bench] (huey), every topic, 3 runs each;",
-        "                                  # rewrites docs/benchmarks.md (20-30 minutes on 2 cores)",
+        "                                  # rewrites docs/benchmarks.md (30-40 minutes on 2 cores)",
         ".venv/bin/python -m bench --quick # small sizes, one run: a smoke test (bench/out/)",
         ".venv/bin/python -m bench throughput --quick   # one topic, small sizes, one run (bench/out/)",
         ".venv/bin/python -m bench throughput   # one topic, 3 runs (bench/out/)",
