@@ -501,6 +501,9 @@ class Channel(_RedisChannel):  # type: ignore[misc]
             lists = sorted(_LEFT_BEHIND)
         if not lists:
             return
+        writer = self.unawaited_writer()
+        if writer is not None and not writer.settle_unconfirmed():
+            return  # the acks a lost connection took go first: else a finished message goes back too
         try:
             moved = self.inflight_registry().requeue(lists)
         except (ResponseError, *self.connection_errors) as exc:
