@@ -10,8 +10,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -31,7 +29,7 @@ from proj.stores.deadletters import ENTRIES_KEY, DeadLetterStore
 from proj.stores.delayed import DelayedSet
 from proj.stores.setaside import SetAsideStore
 from tests.conftest import EMAIL_QUEUES, smtp_env
-from tests.harness import ROOT, free_port, run_proj, stop_process, wait_for
+from tests.harness import flower_process, run_proj, wait_for
 from tests.rabbitmq import (  # noqa: F401  (the fixtures, by their names)
     AMQP_HOST,
     AMQP_PORT,
@@ -332,31 +330,11 @@ def test_a_deaf_consumer_is_noticed_by_the_watchdog_and_its_messages_come_back(a
 
 @contextlib.contextmanager
 def _flower(env: dict[str, str], log: Path) -> Iterator[str]:
-    """`python -m proj.integration.flower` (as the stack runs it) with basic auth; stopped by PID."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proj.integration.flower", "--address=127.0.0.1", f"--port={port}"],
-        cwd=ROOT,
-        env={**{k: v for k, v in env.items() if not k.startswith("FLOWER_")}, **_flower_env(env)},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"flower exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-        try:
-            with urllib.request.urlopen(f"{url}/healthcheck", timeout=2) as answer:
-                return bool(answer.status == 200)
-        except OSError:
-            return False
-
-    try:
-        wait_for(healthy, timeout=60, interval=0.2, what="flower to answer")
+    """Flower as the stack runs it, with basic auth and FLOWER_BROKER_API if given; stopped by PID."""
+    with flower_process(
+        {**{k: v for k, v in env.items() if not k.startswith("FLOWER_")}, **_flower_env(env)}, log
+    ) as url:
         yield url
-    finally:
-        stop_process(proc)
 
 
 def _flower_env(env: dict[str, str]) -> dict[str, str]:
