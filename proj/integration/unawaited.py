@@ -80,9 +80,9 @@ class UnawaitedWriter:
         refused command was not applied at all). Events are not: they are best-effort.
         """
         with self._lock:
-            connection = self._acquire()
             batch = _Batch(commands, resend, unread=len(commands))
             try:
+                connection = self._acquire()  # connecting can fail too: the batch is kept then
                 connection.send_packed_command(connection.pack_commands(commands), check_health=False)
                 self._pending.extend((str(command[0]), batch) for command in commands)
                 self._collect(connection)
@@ -123,8 +123,7 @@ class UnawaitedWriter:
         for attempt in range(10_000):
             time.sleep(REFUSED_RETRY_DELAYS[min(attempt, len(REFUSED_RETRY_DELAYS) - 1)])
             batches, self._refused = self._refused, []
-            for batch in batches:
-                self.send(batch.commands)
+            self._send_in_order(deque(batch.commands for batch in batches))
             self.flush()
             if not self._refused:
                 logger.warning("Redis took the refused write(s); taking messages again")
@@ -149,10 +148,25 @@ class UnawaitedWriter:
         """Send the unconfirmed writes of this Redis again, oldest first (they become pending here)."""
         with _UNCONFIRMED_LOCK:
             batches = _UNCONFIRMED.pop(_server(self._pool), None)
-        if batches:
-            logger.warning("Sending again %d write(s) a lost connection left unanswered", len(batches))
-            for commands in batches:
+        if not batches:
+            return
+        logger.warning("Sending again %d write(s) a lost connection left unanswered", len(batches))
+        self._send_in_order(batches)
+
+    def _send_in_order(self, batches: deque[list[tuple[Any, ...]]]) -> None:
+        """Send each batch again; when the connection breaks, keep the unsent rest unconfirmed, in order.
+
+        `send` keeps the batch it was sending (and what was pending); dropping the rest would let a
+        give-back run a finished task again (its ack among them).
+        """
+        while batches:
+            commands = batches.popleft()
+            try:
                 self.send(commands)
+            except _BROKEN:
+                with _UNCONFIRMED_LOCK:
+                    _UNCONFIRMED.setdefault(_server(self._pool), deque()).extend(batches)
+                raise
 
     def close(self) -> None:
         """Flush and give the connection back to the pool; refused writes stay to be sent again."""
@@ -181,8 +195,8 @@ class UnawaitedWriter:
 
     def _acquire(self) -> Any:
         if self._connection is None or self._pid != os.getpid():  # a forked child needs its own
-            self._connection, self._pid = self._pool.get_connection(), os.getpid()
             self._pending.clear()
+            self._connection, self._pid = self._pool.get_connection(), os.getpid()
         return self._connection
 
     def _collect(self, connection: Any) -> None:
