@@ -38,6 +38,7 @@ from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from proj.integration.unawaited import UnawaitedWriter
@@ -60,6 +61,16 @@ for i = 1, #KEYS, 2 do
   if item then return {tostring((i + 1) / 2), item} end
 end
 return false
+"""
+# Give back one taken message: remove it from its inflight list and, only if it was still there,
+# push its restored copy (a sweep may have put it back already, after a lost lease).
+# KEYS: inflight list, then the queue lists. ARGV: the item, then (LPUSH|RPUSH, payload) per queue list.
+_GIVE_BACK = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+for i = 2, #KEYS do
+  redis.call(ARGV[i * 2 - 2], KEYS[i], ARGV[i * 2 - 1])
+end
+return 1
 """
 # Seconds between takes while Redis refuses them (full under noeviction, a read-only replica, a
 # master with min-replicas-to-write and no replica in sync: proj.stores.refused).
@@ -93,6 +104,27 @@ def _kombu_message(item: bytes) -> dict[str, Any]:
     ):
         raise ValueError("no delivery tag, exchange or routing key")
     return payload
+
+
+class LeaseLostError(RedisConnectionError):
+    """A consumer's lease ran out while it lived: a connection error, so Celery's consumer starts
+    again and drops the messages it holds in memory (a sweep has put them back on their queues)."""
+
+
+class _Pushes:
+    """Stands in for the pipeline kombu's restore writes to: keeps its LPUSH/RPUSH for a script."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.args: list[Any] = []
+
+    def lpush(self, key: str, value: Any) -> None:
+        self.keys.append(key)
+        self.args += ["LPUSH", value]
+
+    def rpush(self, key: str, value: Any) -> None:
+        self.keys.append(key)
+        self.args += ["RPUSH", value]
 
 
 class QoS(kombu_redis.QoS):
@@ -235,6 +267,7 @@ class Channel(_RedisChannel):  # type: ignore[misc]
     _sync_client: Any = None
     _writer: UnawaitedWriter | None = None
     _registry: InflightLists | None = None
+    _give_back_script: Any = None
     # queue list -> (queue, inflight list) of the take awaiting its reply; None: kombu's BRPOP
     _taking: dict[str, tuple[str, str]] | None = None
     _blocking_on: str | None = None  # the list a BLMOVE waits on; None: the take-first script
@@ -276,6 +309,7 @@ class Channel(_RedisChannel):  # type: ignore[misc]
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         """Take with BLMOVE (or the take-first script) into this consumer's inflight lists, else BRPOP."""
+        self._check_lease()
         self._check_unawaited()
         self._redo_refused_rejects()
         self._give_back_left_behind()
@@ -311,6 +345,19 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         self.client.connection.send_command(
             "BLMOVE", keys[0], self._taking[keys[0]][1], "RIGHT", "LEFT", wait or 0
         )
+
+    def _check_lease(self) -> None:
+        """Before taking a message: if a lease of this channel was found gone while it held messages
+        taken under it, start again (LeaseLostError) rather than run them: a sweep has given them to
+        the queue, so running the copies held here (countdowns waiting in memory) would run them twice."""
+        lost = set(KEEPER.take_lost(self._inflight_lists.values()))
+        if lost and any(inflight in lost for inflight, _ in self.inflight_tags.values()):
+            logger.warning(
+                "The lease of %s ran out while this worker held messages taken under it; a sweep has "
+                "put them back on their queues: reconnecting to drop the copies held here",
+                sorted(lost),
+            )
+            raise LeaseLostError(f"lease of {sorted(lost)} ran out")
 
     def _inflight_for(self, key: str) -> str:
         """This channel's inflight list for the queue list `key`, registered before it is used."""
@@ -449,15 +496,17 @@ class Channel(_RedisChannel):  # type: ignore[misc]
         return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def give_back(self, inflight: str, item: bytes, leftmost: bool = False, requeue: bool = True) -> None:
-        """Move a taken message from its inflight list back onto its queue (or drop it), atomically."""
+        """Move a taken message from its inflight list back onto its queue (or drop it), atomically;
+        nothing if it is no longer there (a sweep gave it back after a lost lease)."""
         payload = loads(bytes_to_str(item))
         delivery = payload["properties"]["delivery_info"]
-        exchange, routing_key = delivery["exchange"], delivery["routing_key"]
-        with self._create_client().pipeline() as pipe:  # MULTI/EXEC
-            pipe.lrem(inflight, 1, item)
-            if requeue:
-                self._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
-            pipe.execute()
+        pushes = _Pushes()
+        if requeue:  # kombu's restore (redelivered flags, bindings, priorities), its pushes kept
+            self._do_restore_message(payload, delivery["exchange"], delivery["routing_key"], pushes, leftmost)
+        client = self._create_client()
+        if self._give_back_script is None:
+            self._give_back_script = client.register_script(_GIVE_BACK)
+        self._give_back_script(keys=[inflight, *pushes.keys], args=[item, *pushes.args], client=client)
 
     def release_inflight(self) -> None:
         """Put back whatever is left in this channel's inflight lists and stop renewing them."""

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -134,6 +135,7 @@ class LeaseKeeper:
         self._held: dict[str, tuple[InflightLists, str, float]] = {}
         self._pid = 0
         self._failing = False  # the last round of renewals failed (logged once)
+        self._lost: set[str] = set()  # held lists whose lease was found gone, until their channel asks
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
@@ -142,6 +144,7 @@ class LeaseKeeper:
         self._held = {}
         self._pid = 0
         self._failing = False
+        self._lost = set()
 
     def hold(self, lists: InflightLists, inflight: str, queue: str, lease: float) -> None:
         """Register `inflight` now (the caller waits) and keep renewing its lease."""
@@ -156,6 +159,15 @@ class LeaseKeeper:
         """Stop renewing `inflight` (its channel is closing)."""
         with self._lock:
             self._held.pop(inflight, None)
+
+    def take_lost(self, names: Iterable[str]) -> list[str]:
+        """Which of `names` were found without a lease since the last call (and forget them)."""
+        if not self._lost:  # the common case, on every take: no lock
+            return []
+        with self._lock:
+            found = [name for name in names if name in self._lost]
+            self._lost.difference_update(found)
+        return found
 
     def renew_all(self) -> bool:
         """Renew every held lease once; re-register any that ran out while this process lived.
@@ -186,6 +198,7 @@ class LeaseKeeper:
             # The lease ran out while this process lived (or Redis lost it): a sweep may have put its
             # messages back, so a task running here may also run elsewhere (at least once).
             logger.warning("Lease of %s was gone; registered again (its tasks may run twice)", inflight)
+            self._lost.add(inflight)  # its channel drops the messages it still holds in memory
             lists.hold({inflight: queue}, lease)
 
     def _run(self) -> None:

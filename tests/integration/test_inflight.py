@@ -10,6 +10,7 @@ import redis
 
 from proj.integration.kombu_transport import UNREADABLE_KEY
 from proj.stores.inflight import LEASES_KEY, REGISTRY_KEY, InflightLists
+from tests.faults.scenario import runs_by_id
 from tests.harness import EventMonitor, run_proj, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.layer]
@@ -70,6 +71,29 @@ def test_a_killed_workers_task_comes_back_after_its_lease(start_worker, celery_a
     survivor = start_worker("default", pool="solo", concurrency=1, env=LEASE_ENV)
     assert result.get(timeout=40)["hostname"] == survivor.nodename
     assert doomed_list not in _registered(redis_client) and not redis_client.exists(doomed_list)
+
+
+def test_countdown_messages_held_past_a_lost_lease_run_once(start_worker, celery_app, redis_client):
+    # A worker holds countdown messages in memory, taken into its inflight list. Its lease runs out
+    # while it lives (cut off, frozen) and a sweep puts them back on the queue: it must drop its
+    # copies, else it runs each once from memory and once more from the queue.
+    worker = start_worker("default", pool="solo", concurrency=1, env=LEASE_ENV)
+    held = celery_app.send_task(CANARY, countdown=6)
+    wait_for(lambda: f"[{held.id}] received" in worker.log(), timeout=20, what="the countdown task received")
+    (inflight,) = _registered(redis_client)
+    assert redis_client.llen(inflight) == 1
+
+    assert InflightLists(redis_client).requeue([inflight]) == 1  # what the sweep does after the lease
+    later = celery_app.send_task(CANARY, countdown=9)  # due after any copy of the first one
+
+    assert later.get(timeout=40)["queue"] == "default" and held.state == "SUCCESS"
+    assert runs_by_id(worker.log()).get(held.id) == 1, worker.log()[-3000:]
+    assert redis_client.llen("default") == 0
+    wait_for(
+        lambda: sum(redis_client.llen(name) for name in _registered(redis_client)) == 0,
+        timeout=10,
+        what=f"the acks (LREM): {[redis_client.lrange(n, 0, -1) for n in _registered(redis_client)]}",
+    )
 
 
 def test_a_warm_shutdown_gives_back_what_it_took_and_unregisters(start_worker, celery_app, redis_client):
