@@ -59,6 +59,8 @@ TOUCHED = {
         "kombu.connection:Connection.info",
     ],
     "celery": [
+        # Its cancelling of scheduled (countdown) requests is what a lost lease's reconnect relies on.
+        "celery.worker.consumer.consumer:Consumer.on_close",
         "celery.backends.redis:SentinelBackend",
         "celery.backends.redis:ResultConsumer._wait_for_pending",
         "celery.backends.redis:ResultConsumer._consume_from",
