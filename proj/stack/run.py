@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,14 +120,16 @@ class _Backoff:
 class _Events:
     """The event queue honcho's loop reads, each event shown first to `inspect`, which may replace it."""
 
-    def __init__(self, queue: Any, inspect: Callable[[Message], Message]) -> None:
+    def __init__(self, queue: Any, inspect: Callable[[Message], Message], idle: Callable[[], None]) -> None:
         self._queue = queue
         self._inspect = inspect
+        self._idle = idle  # run before each wait: honcho's loop asks at least every 0.1 s
 
     def put(self, message: Message) -> None:
         self._queue.put(message)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Message:
+        self._idle()
         return self._inspect(self._queue.get(block, timeout))
 
 
@@ -149,7 +152,9 @@ class _StackManager(Manager):  # type: ignore[misc]
         self._procmgr = _MainProcessSignals()
         self._on_started = on_started
         self._stopping = stopping
-        self.events = _Events(self.events, self._on_event)  # honcho's forks inherit it, unpickled
+        self._signalled: deque[int] = deque()  # stop signals the main loop has not acted on yet
+        # honcho's forks inherit it, unpickled
+        self.events = _Events(self.events, self._on_event, self._act_on_signals)
         self._backoff: dict[str, _Backoff] = {}
         self._waiting: dict[str, int] = {}  # exited on their own, to start again: name -> returncode
         # Held while a process starts again and while terminate() begins: either the new PID is in
@@ -239,6 +244,17 @@ class _StackManager(Manager):  # type: ignore[misc]
         self._on_started()  # after honcho's forks, so no thread of ours is copied into them
 
     def _on_signal(self, signum: int, frame: object) -> None:
+        """Only note the signal; the main loop acts on it. A handler that printed or stopped processes
+        ran inside whatever it interrupted: holding the live view's lock, the main thread then waited
+        for the restart lock, held by a restarting thread that waited for the view's lock (a hang)."""
+        self._signalled.append(signum)
+
+    def _act_on_signals(self) -> None:
+        """Between two events of honcho's loop: warm shutdown on the first signal, cold on the next."""
+        while self._signalled:
+            self._stop_for(self._signalled.popleft())
+
+    def _stop_for(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self._stopping.is_set():
             self._view.say(f"proj up: {name} again: cold shutdown of the workers (running tasks requeued)")
