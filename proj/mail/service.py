@@ -80,7 +80,13 @@ class Mailer:
             )
         if claim.ambiguous:
             logger.warning("Task %s died while the server held message %s; sending again", owner, key)
-        self._take_slots(request, owner, run)
+        try:
+            self._take_slots(request, owner, run)
+        except redis.RedisError:
+            # Nothing was sent: give the claim back, or the task's retry (a new run) waits out the
+            # claim window (a rate-limit write refused by a full Redis held mail up for a minute).
+            self._release_if_possible(key, owner, run)
+            raise
         started = time.monotonic()
         outcome = self._transact(request, owner, run, send)
         self._record_sent(key, owner, outcome, started + self.claim_window - SENT_RETRY_MARGIN)
@@ -112,6 +118,13 @@ class Mailer:
                     logger.info("Recorded message %s as sent after %d retries", key, attempt)
                 return
 
+    def _release_if_possible(self, key: str, owner: str, run: str) -> None:
+        """Give the claim back; if Redis cannot take even that, the claim window ends it."""
+        try:
+            self.ledger.release(key, owner, run)
+        except redis.RedisError as exc:
+            logger.warning("Could not give back the claim on %s (%s); it ends with its window", key, exc)
+
     def _take_slots(self, request: EmailRequest, owner: str, run: str) -> None:
         """One slot per recipient domain, or give the claim back and say when to come back."""
         wait = self.limiter.acquire(addr.rpartition("@")[2] for addr in request.recipients)
@@ -124,7 +137,11 @@ class Mailer:
         """Build and send; keep the "sending" mark only when the outcome is unknown."""
         key = request.idempotency_key
         message_id = message_id_for(key, self.settings)
-        data = to_bytes(build_message(request, message_id, self.settings))
+        try:
+            data = to_bytes(build_message(request, message_id, self.settings))
+        except Exception:  # e.g. an attachment gone: a replay after the fix must not find a claim
+            self._release_if_possible(key, owner, run)
+            raise
         handed_over = False
 
         def before_data() -> None:
@@ -138,11 +155,11 @@ class Mailer:
         except (PermanentError, TemporaryReplyError):
             self.ledger.release(key, owner, run)  # the server answered: it does not hold the message
             raise
-        except EmailDeliveryError:
+        except (EmailDeliveryError, redis.RedisError):  # Redis: the "sending" mark refused (full, say)
             if handed_over:
                 self.ledger.abandon(key, owner, run)  # ambiguous: the owner's retry sends again
             else:
-                self.ledger.release(key, owner, run)
+                self._release_if_possible(key, owner, run)
             raise
         accepted = [r for r in request.recipients if r not in refused]
         logger.info("Sent %s to %d recipient(s), %d refused", message_id, len(accepted), len(refused))

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from proj.errors import EmailDeliveryError, RateLimitedError
+from proj.errors import EmailDeliveryError, InvalidEmailError, RateLimitedError
 from proj.mail import Mailer, validate
 from proj.settings import Settings
 from proj.stores.delayed import DelayedSet
@@ -118,6 +118,82 @@ def test_mailer_over_the_limit_asks_to_come_back(redis_client, smtp_server):
         mailer.send(second, owner="t2")
     assert 30 < caught.value.retry_after <= 120
     assert mailer.ledger.get(second.idempotency_key) is None
+    assert len(smtp_server.handler.received) == 1
+
+
+def test_a_redis_error_before_anything_is_sent_gives_the_claim_back(redis_client, smtp_server):
+    # Redis refuses the rate limiter (here by ACL; a full Redis refuses its write the same way)
+    # after the claim was taken. Nothing was sent: the retry must not wait out the claim window.
+    settings = Settings(smtp_port=smtp_server.port, email_rate_limits="example.com=100/s")
+    mailer = Mailer(settings, redis_client)
+    request = validate(
+        to="a@example.com", subject="s", text="t", idempotency_key="limit-1", settings=settings
+    )
+    acl = redis_client.execute_command
+    acl("ACL", "SETUSER", "default", "resetkeys", "~proj:ledger:*")
+    try:
+        with pytest.raises(EmailDeliveryError, match="Redis unavailable"):
+            mailer.send(request, owner="t1")
+    finally:
+        acl("ACL", "SETUSER", "default", "allkeys")
+    assert mailer.ledger.get("limit-1") is None
+    assert mailer.send(request, owner="t1")["duplicate"] is False  # a new run, at once
+    assert len(smtp_server.handler.received) == 1
+
+
+def test_a_refused_sending_mark_gives_the_claim_back(redis_client, smtp_server):
+    # The claim is taken, then Redis refuses the "sending" mark before DATA (a full Redis refuses
+    # it the same way): nothing reached the server, so the retry must not wait out the window.
+    import threading
+
+    settings = Settings(smtp_port=smtp_server.port)
+    mailer = Mailer(settings, redis_client)
+    request = validate(to="a@example.com", subject="s", text="t", idempotency_key="mark-1", settings=settings)
+    acl = redis_client.execute_command
+    failures: list[Exception] = []
+
+    def send() -> None:
+        try:
+            mailer.send(request, owner="t1")
+        except Exception as exc:
+            failures.append(exc)
+
+    smtp_server.handler.hold_rcpt.set()  # the client waits at RCPT: claimed, not yet marked
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        wait_for(lambda: smtp_server.handler.held == 1, timeout=10, what="the client at RCPT")
+        acl("ACL", "SETUSER", "default", "-set")
+        smtp_server.handler.hold_rcpt.clear()
+        sender.join(10)
+    finally:
+        smtp_server.handler.hold_rcpt.clear()
+        acl("ACL", "SETUSER", "default", "+set")
+    assert [type(e).__name__ for e in failures] == ["EmailDeliveryError"], failures
+    assert mailer.ledger.get("mark-1") is None and smtp_server.handler.received == []
+    assert mailer.send(request, owner="t1")["duplicate"] is False  # a new run, at once
+    assert len(smtp_server.handler.received) == 1
+
+
+def test_an_attachment_gone_before_sending_gives_the_claim_back(redis_client, smtp_server, tmp_path):
+    settings = Settings(smtp_port=smtp_server.port, files_root=tmp_path)
+    (tmp_path / "r.txt").write_text("receipt")
+    request = validate(
+        to="a@example.com",
+        subject="s",
+        text="t",
+        attachments=["r.txt"],
+        idempotency_key="gone-1",
+        settings=settings,
+    )
+    (tmp_path / "r.txt").unlink()  # after the check, before the message is built
+    mailer = Mailer(settings, redis_client)
+    with pytest.raises(InvalidEmailError, match=r"attachment .r\.txt."):
+        mailer.send(request, owner="t1")
+    assert mailer.ledger.get("gone-1") is None
+
+    (tmp_path / "r.txt").write_text("receipt")  # put back: a replay (another task) sends at once
+    assert mailer.send(request, owner="t2")["duplicate"] is False
     assert len(smtp_server.handler.received) == 1
 
 
