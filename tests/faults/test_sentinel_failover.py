@@ -141,6 +141,14 @@ def test_workers_producer_and_flower_follow_a_sentinel_failover(
             # The promoted replica has the same setting and no replica of its own: it refuses every
             # write until the old master is back, and the sentinels make that one its replica.
             refused = _refuses_writes(replica)
+            # Only once every sentinel has the new master: an old master started again (empty, no
+            # persistence) before they agree was once made master again, the data-holding replica
+            # its replica (docs/sentinel.md).
+            wait_for(
+                lambda: all(s.master_port() == replica.port for s in sentinels),
+                timeout=30,
+                what="every sentinel on the new master",
+            )
             master.start(*master_args)
             wait_for(lambda: _in_sync(replica), timeout=60, what="the old master a replica of the new")
             refused += f", writes again {time.monotonic() - killed:.1f} s after the kill"
